@@ -1,0 +1,158 @@
+"""Pure preprocessing shared by training-time evaluation and the service.
+
+* ``digit_tensor_from_image``: any PIL image → a normalised ``1×28×28`` float
+  tensor in MNIST's convention (white digit on black, fitted into a 20×20 box
+  and centred by its centre of mass in a 28×28 frame, as MNIST was made).
+* ``normalize_digits`` / ``digits_from_generator_output``: the pixel
+  conventions that link the data set, the classifier and the generator.
+* ``encode_texts``: tokenised texts → padded id tensor + lengths.
+* ``latent_batch``: reproducible latent vectors and labels from a seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.sentiment import PAD_ID
+
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+CANVAS_SIDE = 28
+DIGIT_BOX_SIDE = 20
+# Decode at most this many pixels per side before the float work; a 20-pixel
+# digit box loses nothing, and a huge upload costs no more than a small one.
+WORKING_SIDE = 256
+# A pixel counts as ink once it is this far from the background (0..1 scale).
+INK_THRESHOLD = 0.1
+
+
+def normalize_digits(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in ``[0, 1]`` (white ink on black) → the classifier's input scale."""
+    return (pixels - MNIST_MEAN) / MNIST_STD
+
+
+def digits_from_generator_output(images: torch.Tensor) -> torch.Tensor:
+    """Generator output in ``[-1, 1]`` → pixels in ``[0, 1]``."""
+    return ((images + 1) / 2).clamp(0, 1)
+
+
+def _grayscale_unit(image: Image.Image) -> np.ndarray:
+    """Any mode → a float32 ``H×W`` array in ``[0, 1]``, alpha composited away."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float32)
+        if image.mode != "F" or values.max(initial=0) > 1:
+            values = values / (65535.0 if values.max(initial=0) > 255 else 255.0)
+        return np.clip(values, 0, 1)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+        gray = np.asarray(rgba.convert("L"), dtype=np.float32) / 255.0
+        if alpha.min() < 1.0:
+            # Put the drawing on a background of the opposite brightness, so
+            # black-on-transparent and white-on-transparent both stay visible.
+            ink = (gray * alpha).sum() / max(alpha.sum(), 1e-6)
+            background = 1.0 if ink < 0.5 else 0.0
+            return gray * alpha + background * (1 - alpha)
+        return gray
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def _shrink(image: Image.Image) -> Image.Image:
+    if max(image.size) <= WORKING_SIDE:
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F", "1", "P"):
+        image = image.convert("F" if image.mode.startswith("I") or image.mode == "F" else "RGBA")
+    scale = WORKING_SIDE / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BOX)
+
+
+def _white_ink_on_black(gray: np.ndarray) -> np.ndarray:
+    """Decide polarity from the border, subtract the background, stretch ink to 1."""
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    ink = gray - background if background < 0.5 else background - gray
+    ink = np.clip(ink, 0, None)
+    peak = ink.max(initial=0)
+    return ink / peak if peak > 0 else ink
+
+
+def _fit_into_box(ink: np.ndarray) -> np.ndarray:
+    rows = np.flatnonzero((ink > INK_THRESHOLD).any(axis=1))
+    cols = np.flatnonzero((ink > INK_THRESHOLD).any(axis=0))
+    if rows.size == 0:
+        return np.zeros((1, 1), dtype=np.float32)
+    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    scale = DIGIT_BOX_SIDE / max(crop.shape)
+    height = max(1, round(crop.shape[0] * scale))
+    width = max(1, round(crop.shape[1] * scale))
+    resized = Image.fromarray(crop.astype(np.float32), mode="F").resize(
+        (width, height), Image.Resampling.BILINEAR if scale > 1 else Image.Resampling.BOX
+    )
+    return np.clip(np.asarray(resized, dtype=np.float32), 0, 1)
+
+
+def _centre_by_mass(digit: np.ndarray) -> np.ndarray:
+    canvas = np.zeros((CANVAS_SIDE, CANVAS_SIDE), dtype=np.float32)
+    height, width = digit.shape
+    mass = digit.sum()
+    if mass <= 0:
+        return canvas
+    centre_row = (digit.sum(axis=1) * np.arange(height)).sum() / mass
+    centre_col = (digit.sum(axis=0) * np.arange(width)).sum() / mass
+    top = int(round(CANVAS_SIDE / 2 - 0.5 - centre_row))
+    left = int(round(CANVAS_SIDE / 2 - 0.5 - centre_col))
+    # Clip the placement so the digit never leaves the frame.
+    top = min(max(top, 0), CANVAS_SIDE - height)
+    left = min(max(left, 0), CANVAS_SIDE - width)
+    canvas[top : top + height, left : left + width] = digit
+    return canvas
+
+
+def digit_pixels_from_image(image: Image.Image) -> np.ndarray:
+    """Any image → ``28×28`` float32 pixels in ``[0, 1]``, MNIST style (before normalisation)."""
+    gray = _grayscale_unit(_shrink(image))
+    return _centre_by_mass(_fit_into_box(_white_ink_on_black(gray)))
+
+
+def digit_tensor_from_image(image: Image.Image) -> torch.Tensor:
+    """Any image → the classifier's normalised ``1×28×28`` float32 input."""
+    pixels = torch.from_numpy(digit_pixels_from_image(image))
+    return normalize_digits(pixels).unsqueeze(0)
+
+
+def encode_texts(id_sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Id lists → (``N×T`` int64 ids padded with ``PAD_ID``, ``N`` int64 lengths).
+
+    An empty sequence is encoded as one padding token with length 1, so every
+    row has a valid position to pool over; callers reject empty text earlier.
+    """
+    lengths = torch.tensor([max(1, len(ids)) for ids in id_sequences], dtype=torch.int64)
+    token_ids = torch.full((len(id_sequences), int(lengths.max())), PAD_ID, dtype=torch.int64)
+    for row, ids in enumerate(id_sequences):
+        token_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
+    return token_ids, lengths
+
+
+def latent_batch(
+    count: int, latent_dim: int, seed: int, digit: int | None = None, num_classes: int = 10
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` latent vectors and labels, reproducible from ``seed`` on any machine.
+
+    The CPU generator is used whatever the serving device, so the same seed
+    gives the same inputs everywhere. Without ``digit`` the labels are drawn
+    from the same generator.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    latent = torch.randn(count, latent_dim, generator=generator)
+    if digit is None:
+        labels = torch.randint(0, num_classes, (count,), generator=generator)
+    else:
+        labels = torch.full((count,), digit, dtype=torch.int64)
+    return latent, labels

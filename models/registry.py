@@ -1,0 +1,136 @@
+"""The one place that names every model: its module, config, labels, files,
+ONNX signature and BentoML model name. Training, export, registration, the
+service and the tests all read this; no model name or tag is typed elsewhere.
+
+The released artifacts live in ``models/artifacts/<name>/``; set
+``MODEL_ARTIFACTS_DIR`` to read and write them somewhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.artifacts import Artifact, load_artifact
+from models.digits import DIGIT_LABELS, DigitClassifier, DigitClassifierConfig
+from models.gan import Generator, GeneratorConfig
+from models.sentiment import SENTIMENT_LABELS, SentimentClassifier, SentimentClassifierConfig
+
+PACKAGE_ARTIFACTS_DIR = Path(__file__).resolve().parent / "artifacts"
+
+MNIST_CLASSIFIER = "mnist-cnn"
+SENTIMENT_CLASSIFIER = "sst2-bilstm"
+DIGIT_GENERATOR = "digit-gan"
+
+
+def artifacts_root() -> Path:
+    return Path(os.environ.get("MODEL_ARTIFACTS_DIR", PACKAGE_ARTIFACTS_DIR))
+
+
+@dataclass(frozen=True)
+class OnnxSignature:
+    """Input/output names of the exported graph and which axes stay dynamic."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: Mapping[str, Mapping[int, str]]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    config_type: type
+    module_type: Callable[[Any], nn.Module]
+    onnx: OnnxSignature
+    labels: tuple[str, ...] = ()
+    extra_files: tuple[str, ...] = field(default=())
+
+    @property
+    def bento_model_name(self) -> str:
+        """The BentoML model store name; the version is derived from the artifact's content."""
+        return self.name
+
+    def artifact_dir(self, root: Path | None = None) -> Path:
+        return (root or artifacts_root()) / self.name
+
+    def config_from_dict(self, values: Mapping[str, Any]) -> Any:
+        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return self.config_type(**converted)
+
+    def build(self, config: Any) -> nn.Module:
+        if isinstance(config, Mapping):
+            config = self.config_from_dict(config)
+        return self.module_type(config)
+
+    def load_artifact(self, directory: Path | None = None, *, verify: bool = True) -> Artifact:
+        return load_artifact(directory or self.artifact_dir(), verify=verify)
+
+    def load_module(
+        self, artifact: Artifact, device: str | torch.device = "cpu"
+    ) -> nn.Module:
+        """Rebuild the module from the artifact's config and weights, in eval mode."""
+        module = self.build(artifact.config)
+        module.load_state_dict(artifact.state_dict(map_location="cpu"))
+        return module.to(device).eval()
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name=MNIST_CLASSIFIER,
+            description="MNIST digit classifier (two-convolution CNN)",
+            config_type=DigitClassifierConfig,
+            module_type=DigitClassifier,
+            labels=DIGIT_LABELS,
+            onnx=OnnxSignature(
+                inputs=("images",),
+                outputs=("logits",),
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            ),
+        ),
+        ModelSpec(
+            name=SENTIMENT_CLASSIFIER,
+            description="SST-2 sentiment classifier (BiLSTM, max-pooled)",
+            config_type=SentimentClassifierConfig,
+            module_type=SentimentClassifier,
+            labels=SENTIMENT_LABELS,
+            extra_files=("vocab.json",),
+            onnx=OnnxSignature(
+                inputs=("token_ids", "lengths"),
+                outputs=("logits",),
+                dynamic_axes={
+                    "token_ids": {0: "batch", 1: "sequence"},
+                    "lengths": {0: "batch"},
+                    "logits": {0: "batch"},
+                },
+            ),
+        ),
+        ModelSpec(
+            name=DIGIT_GENERATOR,
+            description="Conditional DCGAN generator of 28×28 digits",
+            config_type=GeneratorConfig,
+            module_type=Generator,
+            labels=DIGIT_LABELS,
+            onnx=OnnxSignature(
+                inputs=("latent", "labels"),
+                outputs=("images",),
+                dynamic_axes={"latent": {0: "batch"}, "labels": {0: "batch"}, "images": {0: "batch"}},
+            ),
+        ),
+    )
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}") from None

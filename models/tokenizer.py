@@ -1,0 +1,111 @@
+"""Raw user text → SST-2's lower-cased, PTB-style tokens → vocabulary ids.
+
+SST-2 was tokenised Penn-Treebank style (``does n't``, ``it 's``, ``! !``), and
+its splits disagree on brackets (train writes ``(``, dev/test write ``-lrb-``).
+``tokenize`` maps raw text onto that scheme and is idempotent on text that is
+already tokenised, so the same function prepares the data set and user requests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.sentiment import PAD_ID, UNK_ID
+
+PAD_TOKEN = "<pad>"
+UNK_TOKEN = "<unk>"
+
+_CHARACTER_MAP = str.maketrans(
+    {
+        "\u2018": "'",
+        "\u2019": "'",
+        "\u02bc": "'",
+        "\u00b4": "'",
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u201e": '"',
+        "\u2013": " -- ",
+        "\u2014": " -- ",
+        "\u2026": " ... ",
+    }
+)
+_BRACKET_TOKENS = {
+    "-lrb-": "(",
+    "-rrb-": ")",
+    "-lsb-": "[",
+    "-rsb-": "]",
+    "-lcb-": "{",
+    "-rcb-": "}",
+}
+_BRACKET_PATTERN = re.compile("|".join(re.escape(token) for token in _BRACKET_TOKENS))
+_OPENING_QUOTE = re.compile(r'(^|[\s(\[{])"')
+_TOKEN_PATTERN = re.compile(
+    r"""
+      ``|''                      # PTB quotes
+    | \.\.\.+ | --+              # ellipsis, dashes
+    | (?:[a-z]\.){2,}            # abbreviations with inner dots: u.s. , a.k.a.
+    | (?:mr|mrs|ms|dr|st|jr|sr|vs|etc)\.(?!\w)
+    | \d+(?:[.,:]\d+)+(?![\w-]) # numbers: 3.5  1,000  10:30
+    | n't                        # negation clitic (split below)
+    | '(?:s|re|ve|ll|d|m|em|n'?)(?!\w)  # other clitics: 's 're 'em 'n'
+    | [\w&]+(?:[-/'][\w&]+)*     # words; inner hyphens, slashes, apostrophes kept
+    | \*+                        # *** rating stars
+    | \S                         # any other single symbol: punctuation, emoji
+    """,
+    re.VERBOSE,
+)
+_NEGATION = re.compile(r"(\w)(n't)\b")
+_CLITIC = re.compile(r"(\w)('(?:s|re|ve|ll|d|m))\b")
+_IRREGULAR_NEGATIONS = {"can't": "ca n't", "won't": "wo n't", "cannot": "can not"}
+
+
+def tokenize(text: str) -> list[str]:
+    """Tokenise raw text the way SST-2 was: ``"I didn't LIKE it!!"`` → ``i did n't like it ! !``."""
+    text = unicodedata.normalize("NFKC", text).translate(_CHARACTER_MAP).lower()
+    text = text.replace("\\/", "/").replace("\\*", "*")  # PTB escapes in dev/test
+    text = _BRACKET_PATTERN.sub(lambda match: f" {_BRACKET_TOKENS[match.group()]} ", text)
+    text = _OPENING_QUOTE.sub(r"\1 `` ", text).replace('"', " '' ")
+    for word, split in _IRREGULAR_NEGATIONS.items():
+        text = re.sub(rf"\b{re.escape(word)}\b", split, text)
+    text = _NEGATION.sub(r"\1 \2", text)
+    text = _CLITIC.sub(r"\1 \2", text)
+    return _TOKEN_PATTERN.findall(text)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Token ↔ id mapping; id 0 is padding and id 1 stands for unknown tokens."""
+
+    tokens: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.tokens[PAD_ID] != PAD_TOKEN or self.tokens[UNK_ID] != UNK_TOKEN:
+            raise ValueError("a vocabulary starts with the padding and unknown tokens")
+        object.__setattr__(self, "_ids", {token: i for i, token in enumerate(self.tokens)})
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, tokens: Sequence[str]) -> list[int]:
+        ids = self._ids  # type: ignore[attr-defined]
+        return [ids.get(token, UNK_ID) for token in tokens]
+
+    @classmethod
+    def build(cls, tokenized_texts: Iterable[Sequence[str]], min_count: int = 1) -> Vocabulary:
+        """Most frequent first, ties broken alphabetically so the build is reproducible."""
+        counts = Counter(token for tokens in tokenized_texts for token in tokens)
+        kept = sorted((t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
+        return cls((PAD_TOKEN, UNK_TOKEN, *kept))
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(list(self.tokens), ensure_ascii=False, indent=0) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Vocabulary:
+        return cls(tuple(json.loads(path.read_text())))

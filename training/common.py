@@ -1,0 +1,76 @@
+"""Pieces every training script shares: device choice, seeding, data paths,
+run provenance, and writing a trained model as a verified artifact."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.artifacts import staged_artifact, write_model_files
+from models.registry import ModelSpec
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def default_data_dir() -> Path:
+    """``$DATA_DIR`` if set, else ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("DATA_DIR", DEFAULT_DATA_DIR))
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def run_provenance(device: torch.device, argv: list[str] | None) -> dict[str, Any]:
+    """What reproduces this run: the exact command, the device and framework versions."""
+    module = sys.modules["__main__"].__spec__
+    entry = f"python -m {module.name}" if module else f"python {sys.argv[0]}"
+    args = sys.argv[1:] if argv is None else argv
+    return {
+        "command": " ".join([entry, *map(shlex.quote, args)]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def save_trained_model(
+    spec: ModelSpec,
+    output_dir: Path,
+    *,
+    module: torch.nn.Module,
+    config: Any,
+    metadata: dict[str, Any],
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
+    """Write a freshly trained model as a complete artifact (replacing any old one atomically)."""
+    destination = spec.artifact_dir(output_dir)
+    with staged_artifact(destination, start_empty=True) as staging:
+        write_model_files(
+            staging,
+            state_dict=module.state_dict(),
+            config=config,
+            metadata={"name": spec.name, "description": spec.description,
+                      "labels": list(spec.labels), **metadata},
+        )
+        for filename, source in (extra_files or {}).items():
+            (staging / filename).write_bytes(Path(source).read_bytes())
+    return destination
