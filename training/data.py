@@ -1,0 +1,68 @@
+"""Data set loading: MNIST through torchvision, SST-2 from its TSV files.
+
+The data root is always passed in (``--data-dir``, default
+``training.common.default_data_dir()``); nothing here is downloaded.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets, transforms
+
+from models.preprocessing import MNIST_MEAN, MNIST_STD
+from models.tokenizer import tokenize
+
+MNIST_VALIDATION_SIZE = 5_000
+SST2_SPLITS = ("train", "dev", "test")
+
+
+def mnist_transform(augment: bool = False) -> transforms.Compose:
+    """uint8 PIL digit → normalised tensor; the normalisation constants live in ``models``."""
+    steps: list = []
+    if augment:
+        steps.append(transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)))
+    steps += [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]
+    return transforms.Compose(steps)
+
+
+def mnist_test_set(data_dir: Path, transform=None) -> Dataset:
+    return datasets.MNIST(str(data_dir), train=False, download=False, transform=transform)
+
+
+def mnist_train_validation(
+    data_dir: Path, *, augment: bool, seed: int = 0, validation_size: int = MNIST_VALIDATION_SIZE
+) -> tuple[Subset, Subset]:
+    """Split the 60,000 training images into train/validation with a fixed permutation.
+
+    The two subsets wrap separate dataset objects so that only the training part
+    is augmented.
+    """
+    train_full = datasets.MNIST(str(data_dir), train=True, download=False,
+                                transform=mnist_transform(augment))
+    plain_full = datasets.MNIST(str(data_dir), train=True, download=False,
+                                transform=mnist_transform(False))
+    order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(train_full, order[validation_size:]), Subset(plain_full, order[:validation_size])
+
+
+@dataclass(frozen=True)
+class LabelledText:
+    label: int
+    text: str
+    tokens: tuple[str, ...]
+
+
+def read_sst2(data_dir: Path, split: str) -> list[LabelledText]:
+    """Rows of ``SST-2/<split>.tsv``, tokenised with the same tokenizer the service uses."""
+    if split not in SST2_SPLITS:
+        raise ValueError(f"unknown SST-2 split {split!r}; expected one of {SST2_SPLITS}")
+    path = Path(data_dir) / "SST-2" / f"{split}.tsv"
+    with path.open(newline="", encoding="utf-8") as stream:
+        reader = csv.reader(stream, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(reader)  # header: the column names differ between splits
+        return [LabelledText(int(label), text, tuple(tokenize(text))) for label, text in reader]
