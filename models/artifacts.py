@@ -105,7 +105,9 @@ def load_artifact(directory: Path, *, verify: bool = True) -> Artifact:
     metadata = read_json(metadata_path)
     if verify:
         verify_checksums(directory, metadata)
-    return Artifact(directory=directory, config=read_json(directory / CONFIG_FILE), metadata=metadata)
+    return Artifact(
+        directory=directory, config=read_json(directory / CONFIG_FILE), metadata=metadata
+    )
 
 
 def _refresh_checksums(directory: Path) -> None:
@@ -152,7 +154,9 @@ def write_model_files(
     metadata: Mapping[str, Any],
 ) -> None:
     """Write weights, config and metadata into a (staging) directory."""
-    torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, directory / WEIGHTS_FILE)
+    torch.save(
+        {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, directory / WEIGHTS_FILE
+    )
     write_json(directory / CONFIG_FILE, config_to_dict(config))
     write_json(directory / METADATA_FILE, dict(metadata))
 

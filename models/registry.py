@@ -72,9 +72,7 @@ class ModelSpec:
     def load_artifact(self, directory: Path | None = None, *, verify: bool = True) -> Artifact:
         return load_artifact(directory or self.artifact_dir(), verify=verify)
 
-    def load_module(
-        self, artifact: Artifact, device: str | torch.device = "cpu"
-    ) -> nn.Module:
+    def load_module(self, artifact: Artifact, device: str | torch.device = "cpu") -> nn.Module:
         """Rebuild the module from the artifact's config and weights, in eval mode."""
         module = self.build(artifact.config)
         module.load_state_dict(artifact.state_dict(map_location="cpu"))
@@ -122,7 +120,11 @@ REGISTRY: dict[str, ModelSpec] = {
             onnx=OnnxSignature(
                 inputs=("latent", "labels"),
                 outputs=("images",),
-                dynamic_axes={"latent": {0: "batch"}, "labels": {0: "batch"}, "images": {0: "batch"}},
+                dynamic_axes={
+                    "latent": {0: "batch"},
+                    "labels": {0: "batch"},
+                    "images": {0: "batch"},
+                },
             ),
         ),
     )

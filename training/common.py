@@ -68,8 +68,12 @@ def save_trained_model(
             staging,
             state_dict=module.state_dict(),
             config=config,
-            metadata={"name": spec.name, "description": spec.description,
-                      "labels": list(spec.labels), **metadata},
+            metadata={
+                "name": spec.name,
+                "description": spec.description,
+                "labels": list(spec.labels),
+                **metadata,
+            },
         )
         for filename, source in (extra_files or {}).items():
             (staging / filename).write_bytes(Path(source).read_bytes())

@@ -42,10 +42,12 @@ def mnist_train_validation(
     The two subsets wrap separate dataset objects so that only the training part
     is augmented.
     """
-    train_full = datasets.MNIST(str(data_dir), train=True, download=False,
-                                transform=mnist_transform(augment))
-    plain_full = datasets.MNIST(str(data_dir), train=True, download=False,
-                                transform=mnist_transform(False))
+    train_full = datasets.MNIST(
+        str(data_dir), train=True, download=False, transform=mnist_transform(augment)
+    )
+    plain_full = datasets.MNIST(
+        str(data_dir), train=True, download=False, transform=mnist_transform(False)
+    )
     order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(seed)).tolist()
     return Subset(train_full, order[validation_size:]), Subset(plain_full, order[:validation_size])
 
