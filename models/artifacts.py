@@ -6,7 +6,8 @@
                     training command, framework versions and the sha256 of every
                     other file in the directory
     vocab.json      (sentiment only) the vocabulary, saved with the weights
-    model.onnx      (after export) the ONNX graph, plus any kept variants
+    model.onnx      (after export) the fp32 ONNX graph; model.int8.onnx and
+                    model.fp16.onnx where those variants were kept
 
 Artifacts are never edited in place: ``staged_artifact`` copies the current
 directory to a temporary sibling, lets the caller change it, recomputes the
@@ -35,6 +36,11 @@ CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
 VOCAB_FILE = "vocab.json"
 ONNX_FILE = "model.onnx"
+# Optional ONNX variants, present only where they passed the accuracy/size/speed checks
+# (metadata.json's "onnx"/"files" section lists which ones an artifact carries).
+ONNX_INT8_FILE = "model.int8.onnx"
+ONNX_FP16_FILE = "model.fp16.onnx"
+ONNX_FILES: dict[str, str] = {"fp32": ONNX_FILE, "int8": ONNX_INT8_FILE, "fp16": ONNX_FP16_FILE}
 
 
 class ArtifactError(RuntimeError):
@@ -110,7 +116,8 @@ def load_artifact(directory: Path, *, verify: bool = True) -> Artifact:
     )
 
 
-def _refresh_checksums(directory: Path) -> None:
+def refresh_checksums(directory: Path) -> None:
+    """Record the sha256 of every file in a (staging) directory in its metadata.json."""
     metadata_path = directory / METADATA_FILE
     metadata = read_json(metadata_path) if metadata_path.is_file() else {}
     metadata["files"] = {
@@ -136,7 +143,8 @@ def staged_artifact(destination: Path, *, start_empty: bool = False) -> Iterator
         if destination.is_dir() and not start_empty:
             shutil.copytree(destination, staging, dirs_exist_ok=True)
         yield staging
-        _refresh_checksums(staging)
+        refresh_checksums(staging)
+        staging.chmod(0o755)  # mkdtemp creates 0700; a released artifact is world-readable
         retired = destination.with_name(f".{destination.name}-retired-{os.getpid()}")
         if destination.exists():
             os.replace(destination, retired)

@@ -8,6 +8,8 @@ The released artifacts live in ``models/artifacts/<name>/``; set
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +58,10 @@ class ModelSpec:
     def bento_model_name(self) -> str:
         """The BentoML model store name; the version is derived from the artifact's content."""
         return self.name
+
+    def bento_tag(self, metadata: Mapping[str, Any]) -> str:
+        """The store tag of an artifact, from its metadata.json: ``name:content-version``."""
+        return f"{self.bento_model_name}:{store_version(metadata)}"
 
     def artifact_dir(self, root: Path | None = None) -> Path:
         return (root or artifacts_root()) / self.name
@@ -129,6 +135,16 @@ REGISTRY: dict[str, ModelSpec] = {
         ),
     )
 }
+
+
+def store_version(metadata: Mapping[str, Any]) -> str:
+    """A short, stable model store version: a hash of the artifact's file checksums.
+
+    Registering the same content twice gives the same version, and the service
+    can pin the exact version it expects from the artifact's metadata.json alone.
+    """
+    manifest = json.dumps(metadata["files"], sort_keys=True).encode()
+    return hashlib.sha256(manifest).hexdigest()[:16]
 
 
 def get_spec(name: str) -> ModelSpec:

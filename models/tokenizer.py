@@ -50,10 +50,12 @@ _TOKEN_PATTERN = re.compile(
       ``|''                      # PTB quotes
     | \.\.\.+ | --+              # ellipsis, dashes
     | (?:[a-z]\.){2,}            # abbreviations with inner dots: u.s. , a.k.a.
-    | (?:mr|mrs|ms|dr|st|jr|sr|vs|etc)\.(?!\w)
+    | \b[a-z]\.(?=\s+[a-z])      # a middle initial inside a name: john f. kennedy
+    | (?:mr|mrs|ms|dr|st|jr|sr|vs|etc|bros)\.(?!\w)
     | \d+(?:[.,:]\d+)+(?![\w-]) # numbers: 3.5  1,000  10:30
     | n't                        # negation clitic (split below)
     | '(?:s|re|ve|ll|d|m|em|n'?)(?!\w)  # other clitics: 's 're 'em 'n'
+    | '\d0s(?!\w)                # decades: the '70s
     | [\w&]+(?:[-/'][\w&]+)*     # words; inner hyphens, slashes, apostrophes kept
     | \*+                        # *** rating stars
     | \S                         # any other single symbol: punctuation, emoji
@@ -100,7 +102,9 @@ class Vocabulary:
     def build(cls, tokenized_texts: Iterable[Sequence[str]], min_count: int = 1) -> Vocabulary:
         """Most frequent first, ties broken alphabetically so the build is reproducible."""
         counts = Counter(token for tokens in tokenized_texts for token in tokens)
-        kept = sorted((t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
+        kept = sorted(
+            (t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t)
+        )
         return cls((PAD_TOKEN, UNK_TOKEN, *kept))
 
     def save(self, path: Path) -> None:

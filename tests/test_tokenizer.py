@@ -1,0 +1,144 @@
+"""The tokenizer maps raw text onto SST-2's PTB-style tokens; the vocabulary maps them to ids."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from models.sentiment import PAD_ID, UNK_ID
+from models.tokenizer import PAD_TOKEN, UNK_TOKEN, Vocabulary, tokenize
+from training.common import default_data_dir
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [
+        ("I didn't like it", ["i", "did", "n't", "like", "it"]),
+        ("It's great, isn't it?", ["it", "'s", "great", ",", "is", "n't", "it", "?"]),
+        ("I can't and won't", ["i", "ca", "n't", "and", "wo", "n't"]),
+        ("cannot", ["can", "not"]),
+        ("they're, we've, you'll", ["they", "'re", ",", "we", "'ve", ",", "you", "'ll"]),
+        ("I'd say I'm in", ["i", "'d", "say", "i", "'m", "in"]),
+        ("rock 'n' roll", ["rock", "'n'", "roll"]),
+        ("Don’t", ["do", "n't"]),  # typographic apostrophe
+    ],
+)
+def test_contractions_are_split_like_the_treebank(text: str, tokens: list[str]) -> None:
+    assert tokenize(text) == tokens
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [
+        ("Wow!!", ["wow", "!", "!"]),
+        ("well...", ["well", "..."]),
+        ("good -- not great", ["good", "--", "not", "great"]),
+        ("a so-so, made-for-tv film.", ["a", "so-so", ",", "made-for-tv", "film", "."]),
+        ('he said "wow"', ["he", "said", "``", "wow", "''"]),
+        ("the u.s. version costs $1,000.50", ["the", "u.s.", "version", "costs", "$", "1,000.50"]),
+        ("writer\\/director", ["writer/director"]),
+        ("john f. kennedy", ["john", "f.", "kennedy"]),
+        ("the farrelly bros. film", ["the", "farrelly", "bros.", "film"]),
+        ("plan b.", ["plan", "b", "."]),
+        ("the '70s", ["the", "'70s"]),
+    ],
+)
+def test_punctuation_is_separated(text: str, tokens: list[str]) -> None:
+    assert tokenize(text) == tokens
+
+
+def test_text_is_lower_cased() -> None:
+    assert tokenize("A GREAT Movie") == tokenize("a great movie") == ["a", "great", "movie"]
+
+
+def test_unicode_is_normalised_to_the_data_set_spelling() -> None:
+    assert tokenize("“Great” film — sort of…") == [
+        "``",
+        "great",
+        "''",
+        "film",
+        "--",
+        "sort",
+        "of",
+        "...",
+    ]
+    assert tokenize("ＦＵＬＬ width") == ["full", "width"]  # NFKC folds full-width letters
+    assert tokenize("crème brûlée") == ["crème", "brûlée"]  # accents are kept, as in SST-2
+
+
+def test_emoji_become_single_tokens() -> None:
+    assert tokenize("Love it 😍👍") == ["love", "it", "😍", "👍"]
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t"])
+def test_empty_or_blank_text_gives_no_tokens(text: str) -> None:
+    assert tokenize(text) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [
+        ("-lrb- a -rrb- shapeless blob", ["(", "a", ")", "shapeless", "blob"]),
+        ("-lsb- sic -rsb- and -lcb- x -rcb-", ["[", "sic", "]", "and", "{", "x", "}"]),
+        ("the movie (2002)", ["the", "movie", "(", "2002", ")"]),
+    ],
+)
+def test_treebank_bracket_tokens_map_to_the_brackets_train_uses(
+    text: str, tokens: list[str]
+) -> None:
+    assert tokenize(text) == tokens
+
+
+def _sst2_sentences(split: str, limit: int) -> list[str]:
+    path = default_data_dir() / "SST-2" / f"{split}.tsv"
+    if not path.is_file():
+        pytest.skip(f"SST-2 not found at {path}")
+    with path.open(newline="", encoding="utf-8") as stream:
+        rows = list(csv.reader(stream, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+    return [text for _, text in rows[:limit]]
+
+
+@pytest.mark.parametrize("split", ["train", "dev", "test"])
+def test_tokenizing_is_idempotent_on_sst2_text(split: str) -> None:
+    for text in _sst2_sentences(split, 2_000):
+        tokens = tokenize(text)
+        assert tokenize(" ".join(tokens)) == tokens, text
+
+
+@pytest.mark.parametrize("split", ["train", "dev", "test"])
+def test_already_tokenised_sst2_text_is_kept_almost_everywhere(split: str) -> None:
+    brackets = {"-lrb-": "(", "-rrb-": ")", "-lsb-": "[", "-rsb-": "]"}
+    sentences = _sst2_sentences(split, 2_000)
+    kept = sum(
+        tokenize(text) == [brackets.get(t, t).replace("\\/", "/") for t in text.split()]
+        for text in sentences
+    )
+    # The rest are abbreviations the treebank split off differently (``john f. kennedy``).
+    assert kept >= 0.99 * len(sentences)
+
+
+def test_vocabulary_build_encode_and_round_trip(tmp_path: Path) -> None:
+    texts = [["good", "film"], ["bad", "film"], ["film", "good"]]
+    vocabulary = Vocabulary.build(texts, min_count=2)
+    # Most frequent first, padding and unknown reserved at the front.
+    assert vocabulary.tokens == (PAD_TOKEN, UNK_TOKEN, "film", "good")
+    assert vocabulary.encode(["good", "bad", "film", "unseen"]) == [3, UNK_ID, 2, UNK_ID]
+    assert vocabulary.encode([]) == []
+    path = tmp_path / "vocab.json"
+    vocabulary.save(path)
+    assert Vocabulary.load(path) == vocabulary
+
+
+def test_vocabulary_must_start_with_padding_and_unknown() -> None:
+    assert Vocabulary.build([["a"]]).tokens[PAD_ID] == PAD_TOKEN
+    with pytest.raises(ValueError):
+        Vocabulary(("a", PAD_TOKEN, UNK_TOKEN))
+
+
+def test_vocabulary_build_is_reproducible_for_ties() -> None:
+    first = Vocabulary.build([["b", "a", "c"]])
+    second = Vocabulary.build([["c", "a", "b"]])
+    assert first == second
+    assert first.tokens[2:] == ("a", "b", "c")

@@ -1,0 +1,212 @@
+"""The SST-2 training script: its pieces, a smoke run end to end, and the released artifact."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.artifacts import VOCAB_FILE
+from models.preprocessing import encode_texts
+from models.registry import SENTIMENT_CLASSIFIER, get_spec
+from models.sentiment import PAD_ID, UNK_ID, SentimentClassifier, SentimentClassifierConfig
+from models.tokenizer import Vocabulary, tokenize
+from training import sentiment
+from training.common import default_data_dir
+from training.data import read_sst2
+
+SPEC = get_spec(SENTIMENT_CLASSIFIER)
+
+
+def needs_sst2() -> Path:
+    data_dir = default_data_dir()
+    if not (data_dir / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"SST-2 not found under {data_dir}")
+    return data_dir
+
+
+def toy_split() -> sentiment.EncodedSplit:
+    lengths = [1, 5, 2, 9, 3, 3, 7, 1, 4, 6, 8, 2]
+    return sentiment.EncodedSplit(
+        ids=[list(range(2, 2 + n)) for n in lengths], labels=[i % 2 for i in range(len(lengths))]
+    )
+
+
+def test_length_buckets_cover_every_example_once_with_similar_lengths() -> None:
+    split = toy_split()
+    batches = sentiment.length_bucketed_batches(split, 4, random.Random(0))
+    assert sorted(i for batch in batches for i in batch) == list(range(len(split)))
+    assert [len(batch) for batch in batches] == [4, 4, 4]
+    spans = sorted(
+        max(len(split.ids[i]) for i in b) - min(len(split.ids[i]) for i in b) for b in batches
+    )
+    assert spans[-1] <= 3  # sorted by length, so a batch never mixes 1 with 9
+
+
+def test_batch_order_changes_between_epochs_but_is_seeded() -> None:
+    split = toy_split()
+    first = sentiment.length_bucketed_batches(split, 4, random.Random(0))
+    again = sentiment.length_bucketed_batches(split, 4, random.Random(0))
+    assert first == again
+    generator = random.Random(0)
+    epochs = [sentiment.length_bucketed_batches(split, 4, generator) for _ in range(5)]
+    assert any(epoch != epochs[0] for epoch in epochs[1:])
+
+
+def test_word_dropout_replaces_only_real_tokens_with_unknown() -> None:
+    split = toy_split()
+    indices = list(range(len(split)))
+    token_ids, lengths, labels = sentiment.make_batch(
+        split, indices, word_dropout=0.5, generator=torch.Generator().manual_seed(0)
+    )
+    clean_ids, clean_lengths, _ = sentiment.make_batch(split, indices)
+    assert torch.equal(lengths, clean_lengths)
+    assert labels.tolist() == split.labels
+    real = torch.arange(token_ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+    assert (token_ids[~real] == PAD_ID).all()
+    changed = token_ids != clean_ids
+    assert changed.any()
+    assert (token_ids[changed] == UNK_ID).all()
+    assert 0.3 < changed.sum().item() / real.sum().item() < 0.7
+
+
+def test_learning_rate_warms_up_then_decays_to_zero() -> None:
+    factors = [sentiment.learning_rate_factor(step, 100, 10) for step in range(101)]
+    assert factors[0] == pytest.approx(0.1)
+    assert factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
+    assert factors[100] == pytest.approx(0.0)
+
+
+def test_weight_average_follows_the_weights_slowly() -> None:
+    torch.manual_seed(0)
+    model = SentimentClassifier(
+        SentimentClassifierConfig(vocab_size=10, embedding_dim=4, hidden_size=3)
+    )
+    average = sentiment.WeightAverage(model, decay=0.9)
+    start = model.classifier.weight.detach().clone()
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    for _ in range(200):
+        average.update(model)
+    torch.testing.assert_close(average.module.classifier.weight, start + 1.0)
+    average = sentiment.WeightAverage(model, decay=0.9)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    average.update(model)  # one step moves only part of the way
+    moved = average.module.classifier.weight - (start + 1.0)
+    assert (moved > 0).all() and (moved < 1.0).all()
+
+
+SMOKE_ARGS = ["--smoke", "--device", "cpu", "--threads", "1", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
+    """One smoke run shared by the tests below (it trains on real data for a few seconds)."""
+    data_dir = needs_sst2()
+    output_dir = tmp_path_factory.mktemp("artifacts")
+    argv = [*SMOKE_ARGS, "--data-dir", str(data_dir), "--output-dir", str(output_dir)]
+    assert sentiment.main(argv) == 0
+    return argv, SPEC.artifact_dir(output_dir)
+
+
+def test_smoke_run_writes_a_complete_loadable_artifact(smoke_run: tuple[list[str], Path]) -> None:
+    argv, directory = smoke_run
+    artifact = SPEC.load_artifact(directory)  # verifies every checksum
+    assert set(artifact.metadata["files"]) == {
+        "weights.pt",
+        "config.json",
+        "vocab.json",
+        "report.png",
+    }
+    assert artifact.path("report.png").read_bytes().startswith(b"\x89PNG")
+    metadata = artifact.metadata
+    assert metadata["smoke"] is True
+    assert metadata["labels"] == ["negative", "positive"]
+    assert metadata["dataset"]["sizes"] == {
+        "train": sentiment.SMOKE_TRAIN_SIZE,
+        "dev": sentiment.SMOKE_EVAL_SIZE,
+        "test": sentiment.SMOKE_EVAL_SIZE,
+    }
+    for key in ("dev_accuracy", "test_accuracy"):
+        assert 0.0 <= metadata["metrics"][key] <= 1.0
+    assert metadata["metrics"]["selected_seed"] == 3
+    training = metadata["training"]
+    assert training["command"].endswith(" ".join(argv))
+    assert training["epochs"] == 1 and training["cpu_threads"] == 1 and training["device"] == "cpu"
+    assert training["wall_seconds"] > 0
+
+    vocabulary = Vocabulary.load(artifact.path(VOCAB_FILE))
+    assert len(vocabulary) == metadata["vocab_size"] == artifact.config["vocab_size"]
+    model = SPEC.load_module(artifact)
+    token_ids, lengths = encode_texts([vocabulary.encode(tokenize("A fine, moving film."))])
+    assert model(token_ids, lengths).shape == (1, 2)
+
+
+def test_vocabulary_comes_from_the_training_split_only(
+    smoke_run: tuple[list[str], Path],
+) -> None:
+    _, directory = smoke_run
+    vocabulary = Vocabulary.load(directory / VOCAB_FILE)
+    train_tokens = {token for row in read_sst2(needs_sst2(), "train") for token in row.tokens}
+    dev_only = {t for row in read_sst2(needs_sst2(), "dev") for t in row.tokens} - train_tokens
+    assert dev_only, "dev has tokens that train lacks; none of them may enter the vocabulary"
+    assert set(vocabulary.tokens[2:]) <= train_tokens
+
+
+# --- the released artifact -----------------------------------------------------------------
+
+RELEASED = SPEC.artifact_dir()
+
+
+def released_model() -> tuple[SentimentClassifier, Vocabulary, dict]:
+    artifact = SPEC.load_artifact(RELEASED)
+    vocabulary = Vocabulary.load(artifact.path(VOCAB_FILE))
+    return SPEC.load_module(artifact), vocabulary, artifact.metadata
+
+
+def classify(model: SentimentClassifier, vocabulary: Vocabulary, texts: list[str]) -> list[int]:
+    token_ids, lengths = encode_texts([vocabulary.encode(tokenize(text)) for text in texts])
+    with torch.no_grad():
+        return model(token_ids, lengths).argmax(dim=1).tolist()
+
+
+def test_released_artifact_is_a_full_run_within_the_size_budget() -> None:
+    _, vocabulary, metadata = released_model()
+    assert metadata["smoke"] is False
+    assert metadata["metrics"]["test_accuracy"] >= 0.80
+    assert metadata["dataset"]["sizes"] == {"train": 67_349, "dev": 872, "test": 1_821}
+    assert metadata["training"]["command"].startswith("python -m training.sentiment")
+    assert len(vocabulary) == metadata["vocab_size"]
+    assert (RELEASED / "weights.pt").stat().st_size <= 6.5 * 2**20
+
+
+def test_released_artifact_reproduces_its_test_accuracy_on_a_sample() -> None:
+    data_dir = needs_sst2()
+    model, vocabulary, metadata = released_model()
+    sample = random.Random(0).sample(read_sst2(data_dir, "test"), 300)
+    predictions = classify(model, vocabulary, [row.text for row in sample])
+    accuracy = sum(p == row.label for p, row in zip(predictions, sample, strict=True)) / 300
+    # 300 sentences: a few points of sampling noise around the recorded figure.
+    assert accuracy >= 0.80
+    assert abs(accuracy - metadata["metrics"]["test_accuracy"]) < 0.06
+
+
+@pytest.mark.parametrize(
+    ("text", "label"),
+    [
+        ("I didn't like it at all, it was boring.", 0),
+        ("An absolutely wonderful, moving film.", 1),
+        ("A dull, lifeless mess with no redeeming qualities.", 0),
+        ("One of the funniest and most charming movies of the year!", 1),
+        ("The plot is predictable and the acting is terrible.", 0),
+        ("Beautifully shot, brilliantly acted and deeply touching.", 1),
+    ],
+)
+def test_released_artifact_classifies_raw_text(text: str, label: int) -> None:
+    model, vocabulary, _ = released_model()
+    assert classify(model, vocabulary, [text]) == [label]

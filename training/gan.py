@@ -1,0 +1,465 @@
+"""Train the conditional digit GAN (AC-GAN) and write the generator as the ``digit-gan`` artifact.
+
+    python -m training.gan                         # full run (CUDA when present)
+    python -m training.gan --threads 1 --epochs 8
+    python -m training.gan --evaluate-only         # re-measure the saved generator
+    python -m training.gan --smoke --output-dir /tmp/artifacts \\
+        --classifier-dir /tmp/artifacts/mnist-cnn  # seconds, on the CPU
+
+The generator learns from the 55,000 MNIST training images; the discriminator
+scores real/fake and classifies the digit (trained on real digits only, so its
+class head pulls generated digits towards real ones). The released generator
+is an exponential moving average of the training weights with its BatchNorm
+statistics recomputed, so eval-mode samples (what the service runs) are the
+ones measured. After training, each epoch's generator is scored with the trained
+MNIST classifier (``--classifier-dir``, read only then, so the classifier may
+train at the same time) against the 5,000 validation images, and the epoch
+with the lowest Fréchet distance is kept. The final metrics use 1,000 samples per
+digit against the 10,000 test images, next to the real-train-vs-test floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from models.artifacts import staged_artifact, update_metadata
+from models.digits import DIGIT_LABELS, DigitClassifier
+from models.gan import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
+from models.registry import DIGIT_GENERATOR, MNIST_CLASSIFIER, artifacts_root, get_spec
+from training import gan_metrics, reports
+from training.common import (
+    default_data_dir,
+    pick_device,
+    run_provenance,
+    save_trained_model,
+    seed_everything,
+)
+from training.data import MNIST_VALIDATION_SIZE, mnist_test_set, mnist_train_validation
+
+log = logging.getLogger(__name__)
+
+GRID_SEED = 2024
+SMOKE_TRAIN_BATCHES = 4
+SMOKE_SAMPLES_PER_DIGIT = 20
+SMOKE_REAL_IMAGES = 400
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 64
+    learning_rate: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    real_label: float = 0.9  # one-sided label smoothing keeps D from saturating
+    ema_decay: float = 0.999
+    selection_samples_per_digit: int = 200
+    evaluation_samples_per_digit: int = 1000
+    real_images: int = 10_000
+    seed: int = 0
+    smoke: bool = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir(),
+        help="directory holding MNIST/raw (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="artifact root; the generator goes to <root>/digit-gan "
+        "(default: models.registry.artifacts_root())",
+    )
+    parser.add_argument(
+        "--classifier-dir",
+        type=Path,
+        default=None,
+        help="artifact directory of the trained MNIST classifier used to score "
+        "samples (default: the registry's mnist-cnn directory)",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"{SMOKE_TRAIN_BATCHES} batches of one epoch, "
+        f"{SMOKE_SAMPLES_PER_DIGIT} samples per digit; marks the artifact smoke",
+    )
+    parser.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="skip training; re-measure the generator already in --output-dir "
+        "and update its metrics and report",
+    )
+    return parser
+
+
+def mnist_pixels(subset: Subset, limit: int | None = None) -> torch.Tensor:
+    """The raw digits of an MNIST subset as ``N×1×28×28`` floats in ``[0, 1]``.
+
+    Read straight from the data set's uint8 tensor: no augmentation is wanted
+    here, and one tensor is far faster to batch than PIL images one by one."""
+    indices = torch.as_tensor(subset.indices[:limit] if limit else subset.indices)
+    return subset.dataset.data[indices].unsqueeze(1).float() / 255
+
+
+def test_pixels(data_dir: Path, limit: int | None = None) -> torch.Tensor:
+    test = mnist_test_set(data_dir)
+    return mnist_pixels(Subset(test, range(limit or len(test))))
+
+
+def load_classifier(directory: Path, device: torch.device) -> DigitClassifier:
+    spec = get_spec(MNIST_CLASSIFIER)
+    artifact = spec.load_artifact(directory)
+    if artifact.metadata.get("smoke"):
+        log.warning("%s is a smoke-test classifier; its scores mean little", directory)
+    return spec.load_module(artifact, device)
+
+
+def score(
+    generator: Generator,
+    classifier: DigitClassifier,
+    real_features: torch.Tensor,
+    samples_per_digit: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Conditional accuracy and Fréchet distance to ``real_features`` of an eval-mode generator."""
+    accuracy, generated = gan_metrics.conditional_accuracy(
+        generator, classifier, samples_per_digit, device
+    )
+    return {"accuracy": accuracy, "frechet": gan_metrics.frechet_distance(generated, real_features)}
+
+
+def sample_grid(generator: Generator, device: torch.device, per_digit: int = 10) -> np.ndarray:
+    """``10×per_digit×28×28`` eval-mode samples, row ``d`` asked for digit ``d``."""
+    rows = [
+        gan_metrics.generate_digits(generator, digit, per_digit, GRID_SEED + digit, device)
+        for digit in range(generator.config.num_classes)
+    ]
+    return torch.stack(rows).squeeze(2).numpy()
+
+
+def train(
+    config: TrainConfig, args: argparse.Namespace, device: torch.device
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, list[float]], int]:
+    """Train G and D; return one eval-ready generator state per epoch and the loss history.
+
+    Each snapshot is the moving average of the generator weights with its
+    BatchNorm statistics recomputed. Scoring them needs the classifier, which is
+    loaded only afterwards, so the classifier may still be training meanwhile."""
+    train_set, _ = mnist_train_validation(args.data_dir, augment=False, seed=config.seed)
+    real = mnist_pixels(train_set) * 2 - 1  # the generator's tanh range
+    real_labels = torch.as_tensor(train_set.dataset.targets[torch.as_tensor(train_set.indices)])
+
+    generator = Generator(GeneratorConfig()).to(device)
+    discriminator = Discriminator(DiscriminatorConfig()).to(device)
+    average = copy.deepcopy(generator).eval()
+    for parameter in average.parameters():
+        parameter.requires_grad_(False)
+    optimizer_g = torch.optim.Adam(
+        generator.parameters(), lr=config.learning_rate, betas=config.betas
+    )
+    optimizer_d = torch.optim.Adam(
+        discriminator.parameters(), lr=config.learning_rate, betas=config.betas
+    )
+    shuffler = torch.Generator().manual_seed(config.seed)
+    latent_dim, num_classes = generator.config.latent_dim, generator.config.num_classes
+    steps = SMOKE_TRAIN_BATCHES if config.smoke else len(real) // config.batch_size
+    history: dict[str, list[float]] = {"discriminator_loss": [], "generator_loss": []}
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    for epoch in range(1, config.epochs + 1):
+        generator.train()
+        discriminator.train()
+        order = torch.randperm(len(real), generator=shuffler)
+        sums = {"d": 0.0, "g": 0.0}
+        progress = tqdm(
+            range(steps), desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False
+        )
+        for step in progress:
+            batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+            images, labels = real[batch].to(device), real_labels[batch].to(device)
+            count = len(batch)
+            latent = torch.randn(count, latent_dim, device=device)
+            fake_labels = torch.randint(0, num_classes, (count,), device=device)
+            fakes = generator(latent, fake_labels)
+
+            # Discriminator: real vs fake, and the digit of real images.
+            real_score, real_class = discriminator(images)
+            fake_score, _ = discriminator(fakes.detach())
+            loss_d = (
+                F.binary_cross_entropy_with_logits(
+                    real_score, torch.full_like(real_score, config.real_label)
+                )
+                + F.binary_cross_entropy_with_logits(fake_score, torch.zeros_like(fake_score))
+                + F.cross_entropy(real_class, labels)
+            )
+            optimizer_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            optimizer_d.step()
+
+            # Generator: look real, and look like the digit that was asked for.
+            fake_score, fake_class = discriminator(fakes)
+            loss_g = F.binary_cross_entropy_with_logits(
+                fake_score, torch.ones_like(fake_score)
+            ) + F.cross_entropy(fake_class, fake_labels)
+            optimizer_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            optimizer_g.step()
+            with torch.no_grad():
+                for kept, current in zip(average.parameters(), generator.parameters(), strict=True):
+                    kept.lerp_(current, 1 - config.ema_decay)
+
+            sums["d"] += loss_d.item()
+            sums["g"] += loss_g.item()
+            progress.set_postfix(
+                d=f"{sums['d'] / (step + 1):.3f}", g=f"{sums['g'] / (step + 1):.3f}"
+            )
+        progress.close()
+
+        history["discriminator_loss"].append(sums["d"] / steps)
+        history["generator_loss"].append(sums["g"] / steps)
+        log.info("epoch %d: D loss %.4f G loss %.4f", epoch, sums["d"] / steps, sums["g"] / steps)
+        gan_metrics.recalibrate_batch_norm(
+            average, device, batches=2 if config.smoke else 40, seed=config.seed
+        )
+        snapshots.append({k: v.detach().cpu().clone() for k, v in average.state_dict().items()})
+
+    return snapshots, history, len(real)
+
+
+def select_epoch(
+    snapshots: list[dict[str, torch.Tensor]],
+    history: dict[str, list[float]],
+    classifier: DigitClassifier,
+    args: argparse.Namespace,
+    config: TrainConfig,
+    device: torch.device,
+) -> tuple[Generator, dict[str, Any]]:
+    """Score every epoch's generator against the validation images; keep the lowest
+    Fréchet distance. Adds the validation curves to ``history``."""
+    _, validation_set = mnist_train_validation(args.data_dir, augment=False, seed=config.seed)
+    validation_features = gan_metrics.classifier_features(
+        classifier,
+        mnist_pixels(validation_set, SMOKE_REAL_IMAGES if config.smoke else None),
+        device,
+    )
+    samples = SMOKE_SAMPLES_PER_DIGIT if config.smoke else config.selection_samples_per_digit
+    candidate = Generator(GeneratorConfig()).to(device)
+    history["validation_frechet"], history["validation_accuracy"] = [], []
+    best: dict[str, Any] = {"frechet": float("inf")}
+    for epoch, state in enumerate(snapshots, start=1):
+        candidate.load_state_dict(state)
+        result = score(candidate.eval(), classifier, validation_features, samples, device)
+        history["validation_frechet"].append(result["frechet"])
+        history["validation_accuracy"].append(result["accuracy"]["overall"])
+        log.info(
+            "epoch %d: validation Fréchet %.3f, conditional accuracy %.4f",
+            epoch,
+            result["frechet"],
+            result["accuracy"]["overall"],
+        )
+        if result["frechet"] < best["frechet"]:
+            best = {
+                "frechet": result["frechet"],
+                "accuracy": result["accuracy"]["overall"],
+                "epoch": epoch,
+            }
+    candidate.load_state_dict(snapshots[best["epoch"] - 1])
+    return candidate.eval(), best
+
+
+def evaluate(
+    generator: Generator,
+    classifier: DigitClassifier,
+    data_dir: Path,
+    config: TrainConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The released numbers: conditional accuracy and Fréchet distance to the test set,
+    with the real-train-vs-real-test distance as the floor."""
+    real_count = SMOKE_REAL_IMAGES if config.smoke else config.real_images
+    per_digit = SMOKE_SAMPLES_PER_DIGIT if config.smoke else config.evaluation_samples_per_digit
+    test_features = gan_metrics.classifier_features(
+        classifier, test_pixels(data_dir, real_count), device
+    )
+    train_set, _ = mnist_train_validation(data_dir, augment=False, seed=config.seed)
+    train_features = gan_metrics.classifier_features(
+        classifier, mnist_pixels(train_set, real_count), device
+    )
+    result = score(generator.eval(), classifier, test_features, per_digit, device)
+    floor = gan_metrics.frechet_distance(train_features, test_features)
+    log.info(
+        "conditional accuracy %.4f; Fréchet to test %.3f (real train vs test %.3f)",
+        result["accuracy"]["overall"],
+        result["frechet"],
+        floor,
+    )
+    return {
+        "conditional_accuracy": result["accuracy"]["overall"],
+        "conditional_accuracy_per_digit": {
+            k: v for k, v in result["accuracy"].items() if k != "overall"
+        },
+        "samples_per_digit": per_digit,
+        "frechet_distance_generated_vs_test": result["frechet"],
+        "frechet_distance_train_vs_test": floor,
+        "frechet_real_images": real_count,
+        "frechet_features": "DigitClassifier.penultimate (128-d) of the mnist-cnn artifact",
+        "generator_mode": "eval (BatchNorm running statistics)",
+    }
+
+
+def write_report(
+    path: Path,
+    generator: Generator,
+    history: dict,
+    metrics: dict,
+    device: torch.device,
+    smoke: bool,
+) -> Path:
+    grid = sample_grid(generator, device)
+    title = (
+        f"{DIGIT_GENERATOR}{' (smoke)' if smoke else ''}: conditional accuracy "
+        f"{metrics['conditional_accuracy']:.2%}, Fréchet to test "
+        f"{metrics['frechet_distance_generated_vs_test']:.2f} "
+        f"(train vs test {metrics['frechet_distance_train_vs_test']:.2f})"
+    )
+    return reports.save_report(
+        path, title, history, [lambda ax: reports.draw_digit_grid(ax, grid, DIGIT_LABELS)]
+    )
+
+
+def evaluate_saved(
+    args: argparse.Namespace, config: TrainConfig, classifier: DigitClassifier, device: torch.device
+) -> Path:
+    """``--evaluate-only``: re-measure the generator artifact and refresh its metrics and report."""
+    spec = get_spec(DIGIT_GENERATOR)
+    destination = spec.artifact_dir(args.output_dir or artifacts_root())
+    artifact = spec.load_artifact(destination)
+    generator = spec.load_module(artifact, device)
+    config = TrainConfig(**{**config.__dict__, "smoke": bool(artifact.metadata.get("smoke"))})
+    metrics = {
+        **artifact.metadata.get("metrics", {}),
+        **evaluate(generator, classifier, args.data_dir, config, device),
+    }
+    with staged_artifact(destination) as staging:
+        update_metadata(staging, metrics=metrics)
+        write_report(
+            staging / "report.png",
+            generator,
+            artifact.metadata.get("history", {}),
+            metrics,
+            device,
+            config.smoke,
+        )
+    return destination
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(
+        epochs=1 if args.smoke else args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        smoke=args.smoke,
+    )
+    device = pick_device(args.device)
+    seed_everything(config.seed)
+    classifier_dir = args.classifier_dir or get_spec(MNIST_CLASSIFIER).artifact_dir()
+
+    if args.evaluate_only:
+        classifier = load_classifier(classifier_dir, device)
+        log.info("re-evaluated %s", evaluate_saved(args, config, classifier, device))
+        return 0
+
+    log.info("training %s on %s with %s", DIGIT_GENERATOR, device, config)
+    started = time.perf_counter()
+    snapshots, history, train_size = train(config, args, device)
+    training_seconds = time.perf_counter() - started
+    classifier = load_classifier(classifier_dir, device)
+    generator, best = select_epoch(snapshots, history, classifier, args, config, device)
+    metrics = {
+        **evaluate(generator, classifier, args.data_dir, config, device),
+        "best_epoch": best["epoch"],
+        "validation_frechet": best["frechet"],
+        "validation_conditional_accuracy": best["accuracy"],
+    }
+    classifier_metadata = get_spec(MNIST_CLASSIFIER).load_artifact(classifier_dir).metadata
+    metadata = {
+        "smoke": config.smoke,
+        "metrics": metrics,
+        "history": history,
+        "evaluation_classifier": {
+            "name": MNIST_CLASSIFIER,
+            "test_accuracy": classifier_metadata.get("metrics", {}).get("test_accuracy"),
+            "weights_sha256": classifier_metadata["files"]["weights.pt"],
+        },
+        "training": {
+            **run_provenance(device, argv),
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "optimizer": f"Adam(lr={config.learning_rate}, betas={config.betas}) for G and D",
+            "objective": "AC-GAN: BCE real/fake (real label "
+            f"{config.real_label}) + class cross-entropy (D on real, G on fake)",
+            "weights": f"EMA(decay={config.ema_decay}) of the generator, BatchNorm recalibrated",
+            "discriminator": DiscriminatorConfig().__dict__,
+            "selection": "epoch with the lowest Fréchet distance to the validation images",
+            "seed": config.seed,
+            "wall_seconds": round(training_seconds, 1),
+        },
+        "dataset": {
+            "name": "MNIST",
+            "train_images": train_size,
+            "validation_images": MNIST_VALIDATION_SIZE,
+            "test_images_for_metrics": metrics["frechet_real_images"],
+        },
+        "preprocessing": {
+            "latent": "standard normal N×latent_dim float32 (models.preprocessing.latent_batch)",
+            "labels": "N int64 digits 0-9",
+            "output": "N×1×28×28 in [-1, 1]; pixels = (x + 1) / 2, white ink on black",
+        },
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        report = write_report(
+            Path(scratch) / "report.png", generator, history, metrics, device, config.smoke
+        )
+        destination = save_trained_model(
+            get_spec(DIGIT_GENERATOR),
+            args.output_dir or artifacts_root(),
+            module=generator.cpu(),
+            config=generator.config,
+            metadata=metadata,
+            extra_files={"report.png": report},
+        )
+    log.info("wrote %s", destination)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
