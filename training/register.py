@@ -2,11 +2,16 @@
 
     python -m training.register                 # every model in the registry
     python -m training.register --model mnist-cnn --artifacts-dir /tmp/artifacts
+    bentoml models list                         # shows them, with labels and metadata
 
 Each artifact directory is verified (sha256 of every file) and copied verbatim
 into a BentoML model named by the registry. The version is derived from the
 artifact's checksums, so registering the same content twice yields the same
 tag instead of a new version per run. ``BENTOML_HOME`` chooses the store.
+
+The store entry's metadata summarises the artifact's metadata.json: metrics,
+the test-split evaluation, ONNX signature and files, parity figures, the kept
+variants, the sha256 of every file and the framework versions that made it.
 """
 
 from __future__ import annotations
@@ -15,18 +20,19 @@ import argparse
 import hashlib
 import json
 import logging
+import platform
 import shutil
 from pathlib import Path
+from typing import Any
 
 import bentoml
-import onnx
-import onnxruntime
-import torch
 
-from models.artifacts import Artifact
+from models.artifacts import METADATA_FILE, ONNX_FILE, ONNX_FILES, Artifact
 from models.registry import REGISTRY, ModelSpec, artifacts_root, get_spec
 
 log = logging.getLogger(__name__)
+
+PROJECT = "digit-sentiment-serving"
 
 
 def content_version(artifact: Artifact) -> str:
@@ -35,9 +41,94 @@ def content_version(artifact: Artifact) -> str:
     return hashlib.sha256(manifest).hexdigest()[:16]
 
 
+def _plain(value: Any) -> Any:
+    """A copy BentoML accepts as metadata: JSON types only, no None (BentoML rejects
+    it) and no str subclasses such as ``torch.__version__`` (its YAML writer rejects them)."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value if item is not None]
+    if isinstance(value, bool | int | float):
+        return value
+    return str(value)
+
+
+def store_labels(spec: ModelSpec, artifact: Artifact) -> dict[str, str]:
+    onnx_files = artifact.metadata.get("onnx", {}).get("files", {})
+    return {
+        "model": spec.name,
+        "project": PROJECT,
+        "stage": "smoke" if artifact.metadata.get("smoke") else "release",
+        "formats": "+".join(
+            [
+                "pytorch",
+                *(f"onnx-{precision}" for precision in ONNX_FILES if precision in onnx_files),
+            ]
+        ),
+        "verified": str(bool(artifact.metadata.get("parity", {}).get("passed"))).lower(),
+    }
+
+
+def store_metadata(spec: ModelSpec, artifact: Artifact) -> dict[str, Any]:
+    metadata = artifact.metadata
+    onnx = metadata.get("onnx", {})
+    parity = metadata.get("parity", {})
+    variants = {
+        precision: {
+            key: result[key]
+            for key in ("file", "bytes", "accuracy", "accuracy_drop_pp", "kept", "latency_ms")
+            if key in result
+        }
+        for precision, result in metadata.get("variants", {}).items()
+        if isinstance(result, dict) and "file" in result
+    }
+    training = metadata.get("training", {})
+    return _plain(
+        {
+            "description": spec.description,
+            "labels": list(spec.labels),
+            "smoke": bool(metadata.get("smoke")),
+            "metrics": metadata.get("metrics", {}),
+            "evaluation": metadata.get("evaluation", {}),
+            "sha256": metadata["files"],
+            "onnx": {
+                "inputs": list(spec.onnx.inputs),
+                "outputs": list(spec.onnx.outputs),
+                "opset": onnx.get("opset"),
+                "files": onnx.get("files", {}),
+            },
+            "parity": {
+                "passed": parity.get("passed", False),
+                "tolerance": parity.get("tolerance"),
+                "max_abs_diff": {
+                    size: result["max_abs_diff"]
+                    for size, result in parity.get("batch_sizes", {}).items()
+                },
+            },
+            "variants": variants,
+            "framework_versions": {
+                "python": training.get("python", platform.python_version()),
+                "torch_training": training.get("torch"),
+                **{
+                    f"{name}_export": version
+                    for name, version in onnx.get("framework_versions", {}).items()
+                },
+                "bentoml": bentoml.__version__,
+            },
+            "training_command": training.get("command"),
+        }
+    )
+
+
 def register_artifact(spec: ModelSpec, artifact_dir: Path | None = None) -> bentoml.Tag:
     """Verify one artifact and import it into the store; return its tag (idempotent)."""
     artifact = spec.load_artifact(artifact_dir)
+    if artifact.has(ONNX_FILE) and not artifact.metadata.get("parity", {}).get("passed"):
+        log.warning(
+            "%s: %s was not verified against PyTorch (run python -m training.verify)",
+            spec.name,
+            ONNX_FILE,
+        )
     tag = bentoml.Tag(spec.bento_model_name, content_version(artifact))
     try:
         existing = bentoml.models.get(tag)
@@ -45,25 +136,12 @@ def register_artifact(spec: ModelSpec, artifact_dir: Path | None = None) -> bent
         return existing.tag
     except bentoml.exceptions.NotFound:
         pass
-    metrics = artifact.metadata.get("metrics", {})
     with bentoml.models.create(
         tag,
-        labels={"model": spec.name, "task": spec.description, "owner": "digit-sentiment-serving"},
-        metadata={
-            "description": spec.description,
-            "labels": list(spec.labels),
-            "metrics": metrics,
-            "sha256": artifact.metadata["files"],
-            "onnx_inputs": list(spec.onnx.inputs),
-            "onnx_outputs": list(spec.onnx.outputs),
-            "framework_versions": {
-                "torch": torch.__version__,
-                "onnx": onnx.__version__,
-                "onnxruntime": onnxruntime.__version__,
-            },
-        },
+        labels=store_labels(spec, artifact),
+        metadata=store_metadata(spec, artifact),
     ) as model:
-        for filename in [*artifact.metadata["files"], "metadata.json"]:
+        for filename in [*artifact.metadata["files"], METADATA_FILE]:
             shutil.copy2(artifact.directory / filename, Path(model.path) / filename)
     log.info("registered %s", tag)
     return tag
@@ -76,10 +154,18 @@ def register_all(names: list[str] | None = None, root: Path | None = None) -> li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", choices=sorted(REGISTRY),
-                        help="register only this model (repeatable); default: all")
-    parser.add_argument("--artifacts-dir", type=Path, default=None,
-                        help=f"root of the artifact directories (default: {artifacts_root()})")
+    parser.add_argument(
+        "--model",
+        action="append",
+        choices=sorted(REGISTRY),
+        help="register only this model (repeatable); default: all",
+    )
+    parser.add_argument(
+        "--artifacts-dir",
+        type=Path,
+        default=None,
+        help=f"root of the artifact directories (default: {artifacts_root()})",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for tag in register_all(args.model, args.artifacts_dir):

@@ -1,0 +1,246 @@
+"""ONNX export (training/export.py): signature, parity on varied shapes, variants.
+
+Models are built from the registry with random weights (and random BatchNorm
+statistics, so folding BatchNorm into the convolutions is exercised), exported
+once per module and run in ONNX Runtime on the CPU against PyTorch at batch
+sizes and lengths other than the traced ones.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+from models.preprocessing import encode_texts, latent_batch
+from models.registry import (
+    DIGIT_GENERATOR,
+    MNIST_CLASSIFIER,
+    REGISTRY,
+    SENTIMENT_CLASSIFIER,
+    get_spec,
+)
+from models.sentiment import PAD_ID
+from training import export, verify
+
+TEST_VOCAB_SIZE = 50
+# Batch sizes and lengths around, but never equal to, the traced 3 × 5.
+BATCH_SIZES = (1, 2, 7, 16)
+LENGTHS = (1, 2, 4, 9, 23)
+
+
+def random_model(name: str, seed: int = 0) -> tuple[torch.nn.Module, object]:
+    spec = get_spec(name)
+    torch.manual_seed(seed)
+    values = {"vocab_size": TEST_VOCAB_SIZE} if name == SENTIMENT_CLASSIFIER else {}
+    config = spec.config_type(**values)
+    module = spec.build(config).eval()
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            layer.running_mean.uniform_(-0.5, 0.5)
+            layer.running_var.uniform_(0.5, 2.0)
+    return module, config
+
+
+@pytest.fixture(scope="module")
+def exported() -> dict[str, tuple[torch.nn.Module, object, onnx.ModelProto]]:
+    models = {}
+    for name in REGISTRY:
+        module, config = random_model(name)
+        models[name] = (module, config, export.export_onnx(get_spec(name), module, config))
+    return models
+
+
+def session(model: onnx.ModelProto) -> onnxruntime.InferenceSession:
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    return onnxruntime.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def sentences(batch: int, length: int, seed: int) -> dict[str, np.ndarray]:
+    """Random token ids with mixed lengths (the longest is ``length``), PAD after each."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+    lengths[0] = length
+    ids = [torch.randint(2, TEST_VOCAB_SIZE, (int(n),), generator=generator).tolist()
+           for n in lengths]  # fmt: skip
+    token_ids, lengths = encode_texts(ids)
+    return {"token_ids": token_ids.numpy(), "lengths": lengths.numpy()}
+
+
+def inputs_for(name: str, batch: int, seed: int = 1) -> dict[str, np.ndarray]:
+    if name == MNIST_CLASSIFIER:
+        generator = torch.Generator().manual_seed(seed)
+        return {"images": torch.randn(batch, 1, 28, 28, generator=generator).numpy()}
+    if name == SENTIMENT_CLASSIFIER:
+        return sentences(batch, 6, seed)
+    latent, labels = latent_batch(batch, 64, seed)
+    return {"latent": latent.numpy(), "labels": labels.numpy()}
+
+
+def pytorch(module: torch.nn.Module, name: str, feed: dict[str, np.ndarray]) -> np.ndarray:
+    tensors = [torch.from_numpy(feed[input_name]) for input_name in get_spec(name).onnx.inputs]
+    with torch.inference_mode():
+        return module(*tensors).numpy()
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_graph_signature_opset_and_checker(exported, name):
+    spec = get_spec(name)
+    model = exported[name][2]
+    onnx.checker.check_model(model, full_check=True)
+    assert {entry.domain: entry.version for entry in model.opset_import}[""] == export.OPSET
+    assert tuple(value.name for value in model.graph.input) == spec.onnx.inputs
+    assert tuple(value.name for value in model.graph.output) == spec.onnx.outputs
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        for axis, label in spec.onnx.dynamic_axes.get(value.name, {}).items():
+            assert dims[axis].dim_param == label, f"{value.name} axis {axis}"
+    # No absolute paths from the exporter's stack traces (they would make the file,
+    # and so the model version, depend on where the repository is checked out).
+    assert b"pkg.torch.onnx.stack_trace" not in model.SerializeToString()
+
+
+@pytest.mark.parametrize("batch", BATCH_SIZES)
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_onnx_matches_pytorch_at_untraced_batch_sizes(exported, name, batch):
+    module, _, model = exported[name]
+    feed = inputs_for(name, batch, seed=batch)
+    expected, actual = pytorch(module, name, feed), session(model).run(None, feed)[0]
+    assert actual.shape == expected.shape
+    assert np.abs(actual - expected).max() <= verify.PARITY_ATOL
+    if name != DIGIT_GENERATOR:
+        assert (actual.argmax(1) == expected.argmax(1)).all()
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("batch", (1, 7))
+def test_sentiment_graph_handles_any_length(exported, batch, length):
+    module, _, model = exported[SENTIMENT_CLASSIFIER]
+    feed = sentences(batch, length, seed=length)
+    expected = pytorch(module, SENTIMENT_CLASSIFIER, feed)
+    assert np.abs(session(model).run(None, feed)[0] - expected).max() <= verify.PARITY_ATOL
+
+
+def test_sentiment_padding_changes_nothing_in_onnx(exported):
+    """Extra PAD columns with the same lengths give the same logits: lengths, not
+    padding, decide what the graph reads."""
+    _, _, model = exported[SENTIMENT_CLASSIFIER]
+    feed = sentences(5, 7, seed=3)
+    padded = dict(feed, token_ids=np.pad(feed["token_ids"], ((0, 0), (0, 30)),
+                                         constant_values=PAD_ID))  # fmt: skip
+    runner = session(model)
+    unpadded_logits = runner.run(None, feed)[0]
+    padded_logits = runner.run(None, padded)[0]
+    assert np.abs(padded_logits - unpadded_logits).max() <= 1e-5
+    # A length counts: shortening one sentence changes its logits, and only its.
+    shorter = dict(padded, lengths=padded["lengths"].copy())
+    shorter["lengths"][0] -= 1
+    changed = np.abs(runner.run(None, shorter)[0] - padded_logits).max(axis=1)
+    assert changed[0] > 1e-6 and changed[1:].max() <= 1e-5
+
+
+def test_lstm_weights_are_plain_initializers(exported):
+    """The second folding pass leaves no runtime gate re-layout: the LSTM weight inputs
+    are initializers (which is also what dynamic INT8 quantization needs)."""
+    model = exported[SENTIMENT_CLASSIFIER][2]
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    lstms = [node for node in model.graph.node if node.op_type == "LSTM"]
+    assert len(lstms) == 2
+    for node in lstms:
+        assert node.input[1] in initializers and node.input[2] in initializers
+
+
+def test_frozen_axis_is_rejected(exported):
+    model = onnx.ModelProto.FromString(exported[MNIST_CLASSIFIER][2].SerializeToString())
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+    batch.dim_value = export.EXAMPLE_BATCH  # what a specialised export would contain
+    with pytest.raises(ValueError, match="frozen"):
+        export.check_signature(model, get_spec(MNIST_CLASSIFIER))
+
+
+def test_export_is_deterministic(exported):
+    """The same weights give the same bytes, so re-exporting keeps the model version."""
+    module, config, model = exported[MNIST_CLASSIFIER]
+    again = export.export_onnx(get_spec(MNIST_CLASSIFIER), module, config)
+    assert again.SerializeToString() == model.SerializeToString()
+
+
+def test_gemm_to_matmul_is_exact(exported):
+    model = exported[MNIST_CLASSIFIER][2]
+    rewritten = export.gemm_to_matmul(model)
+    assert "Gemm" not in {node.op_type for node in rewritten.graph.node}
+    onnx.checker.check_model(rewritten)
+    feed = inputs_for(MNIST_CLASSIFIER, 9)
+    original = session(model).run(None, feed)[0]
+    assert np.abs(session(rewritten).run(None, feed)[0] - original).max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", [MNIST_CLASSIFIER, SENTIMENT_CLASSIFIER])
+def test_int8_variant_quantizes_the_heavy_layers(exported, name):
+    module, _, model = exported[name]
+    quantized = export.quantize_int8(model)
+    ops = Counter(node.op_type for node in quantized.graph.node)
+    assert ops["MatMulInteger"] >= 1
+    assert ops["ConvInteger"] == 0  # convolutions stay fp32 on purpose
+    if name == SENTIMENT_CLASSIFIER:
+        assert ops["DynamicQuantizeLSTM"] == 2 and ops["LSTM"] == 0
+    assert quantized.ByteSize() < 0.4 * model.ByteSize()
+    feed = inputs_for(name, 16)
+    expected = pytorch(module, name, feed)
+    actual = session(quantized).run(None, feed)[0]
+    assert actual.shape == expected.shape
+    # INT8 weights: close to, not equal to, fp32.
+    scale = np.abs(expected).max()
+    assert 0 < np.abs(actual - expected).max() <= 0.05 * scale
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_fp16_variant_keeps_fp32_inputs_and_outputs(exported, name):
+    module, _, model = exported[name]
+    half = export.convert_fp16(model)
+    float_type = onnx.TensorProto.FLOAT
+    types = {value.name: value.type.tensor_type.elem_type
+             for value in [*half.graph.input, *half.graph.output]}  # fmt: skip
+    original = {value.name: value.type.tensor_type.elem_type
+                for value in [*model.graph.input, *model.graph.output]}  # fmt: skip
+    assert types == original and float_type in types.values()
+    assert any(tensor.data_type == onnx.TensorProto.FLOAT16 for tensor in half.graph.initializer)
+    assert half.ByteSize() < 0.6 * model.ByteSize()
+    feed = inputs_for(name, 7)
+    expected = pytorch(module, name, feed)
+    actual = session(half).run(None, feed)[0]
+    assert actual.dtype == np.float32
+    assert np.abs(actual - expected).max() <= 0.02 * max(1.0, np.abs(expected).max())
+
+
+def measured(accuracy: float, size: int, cpu_ms: tuple[float, float]) -> dict:
+    return {"accuracy": accuracy, "bytes": size,
+            "latency_ms": {"cpu": {"1": cpu_ms[0], "256": cpu_ms[1]},
+                           "gpu": verify.GPU_NOT_MEASURED}}  # fmt: skip
+
+
+FP32 = measured(0.99, 1000, (1.0, 100.0))
+
+
+@pytest.mark.parametrize(
+    ("candidate", "target", "kept", "because"),
+    [
+        (measured(0.9875, 1000, (0.5, 50.0)), "cpu", False, "accuracy drop above 0.2 pp"),
+        (measured(0.9881, 260, (1.0, 100.0)), "cpu", True, "74% smaller"),
+        (measured(0.99, 980, (0.8, 99.0)), "cpu", True, "1.25× fp32 speed at batch 1"),
+        (measured(0.99, 300, (1.2, 90.0)), "cpu", False, "measurably slower than fp32"),
+        (measured(0.99, 950, (1.0, 100.0)), "cpu", False, "neither measurably smaller nor faster"),
+        (measured(0.995, 500, (3.0, 300.0)), "gpu", True, "speed not measured on the gpu"),
+    ],
+)
+def test_keep_rule(candidate, target, kept, because):
+    decision, reason = verify.keep_decision(candidate, FP32, target)
+    assert decision is kept
+    assert because in reason

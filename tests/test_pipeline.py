@@ -1,0 +1,189 @@
+"""The offline pipeline end to end (training/pipeline.py), and how it fails.
+
+``python -m training.pipeline --quick`` runs in a child process with its own
+temporary BENTOML_HOME: smoke training of all three models, evaluation, ONNX
+export, parity verification and registration. The tests then read the store
+through the ``bentoml`` command line, check what the artifacts record, and
+check that registering again is idempotent. The failure tests run the real
+components on damaged or mismatched artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.artifacts import (
+    ONNX_FILE,
+    WEIGHTS_FILE,
+    load_artifact,
+    staged_artifact,
+)
+from models.registry import MNIST_CLASSIFIER, REGISTRY, SENTIMENT_CLASSIFIER, get_spec
+from training import pipeline, verify
+from training.common import default_data_dir
+from training.export import VARIANT_CANDIDATES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = default_data_dir()
+
+pytestmark = pytest.mark.skipif(
+    not (DATA_DIR / "MNIST" / "raw").is_dir() or not (DATA_DIR / "SST-2").is_dir(),
+    reason=f"MNIST and SST-2 not found under {DATA_DIR}",
+)
+
+
+def run(args: list[str], bentoml_home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true"}
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("artifacts")
+    home = tmp_path_factory.mktemp("bentoml-home")
+    result = run(["-m", "training.pipeline", "--quick", "--artifacts-dir", str(root),
+                  "--data-dir", str(DATA_DIR), "--threads", "1"], home)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    return root, home, result
+
+
+def stored_models(home: Path) -> dict[str, dict]:
+    listed = run(["-m", "bentoml", "models", "list", "-o", "json"], home)
+    assert listed.returncode == 0, listed.stderr
+    models = {}
+    for entry in json.loads(listed.stdout):
+        shown = run(["-m", "bentoml", "models", "get", entry["tag"], "-o", "json"], home)
+        assert shown.returncode == 0, shown.stderr
+        models[entry["tag"]] = json.loads(shown.stdout)
+    return models
+
+
+def test_quick_pipeline_registers_all_three_models(quick_run):
+    root, home, _ = quick_run
+    models = stored_models(home)
+    assert sorted(info["name"] for info in models.values()) == sorted(REGISTRY)
+    for tag, info in models.items():
+        spec = get_spec(info["name"])
+        artifact = load_artifact(spec.artifact_dir(root))
+        assert info["labels"]["model"] == spec.name
+        assert info["labels"]["stage"] == "smoke"
+        assert info["labels"]["verified"] == "true"
+        metadata = info["metadata"]
+        assert metadata["sha256"] == artifact.metadata["files"], tag
+        assert metadata["onnx"]["inputs"] == list(spec.onnx.inputs)
+        assert metadata["onnx"]["outputs"] == list(spec.onnx.outputs)
+        assert {"torch_training", "torch_export", "onnx_export", "onnxruntime_export",
+                "bentoml"} <= set(metadata["framework_versions"])  # fmt: skip
+        assert metadata["parity"]["passed"] is True
+        assert metadata["metrics"] == artifact.metadata["metrics"]
+        assert 0 <= metadata["evaluation"]["accuracy"] <= 1
+
+
+def test_artifacts_record_parity_at_every_batch_size(quick_run):
+    root, _, _ = quick_run
+    for spec in REGISTRY.values():
+        metadata = load_artifact(spec.artifact_dir(root)).metadata
+        parity = metadata["parity"]
+        assert parity["quick"] is True and parity["passed"] is True
+        assert sorted(parity["batch_sizes"], key=int) == ["1", "7", "256"]
+        for result in parity["batch_sizes"].values():
+            assert result["examples"] == verify.QUICK_EXAMPLES
+            assert result["max_abs_diff"] <= verify.PARITY_ATOL
+            assert result["label_agreement"] == 1.0
+        assert metadata["onnx"]["verified"] is True
+        assert metadata["evaluation"]["accuracy"] is not None
+    sweep = load_artifact(get_spec(SENTIMENT_CLASSIFIER).artifact_dir(root)).metadata["parity"][
+        "length_sweep"
+    ]
+    assert sweep["lengths"][0] == 1 and sweep["lengths"][1] == sweep["padded_to"] > 10
+    assert sweep["max_abs_diff"] <= verify.PARITY_ATOL
+
+
+def test_variant_decisions_match_the_files(quick_run):
+    root, _, _ = quick_run
+    for spec in REGISTRY.values():
+        directory = spec.artifact_dir(root)
+        metadata = load_artifact(directory).metadata
+        assert metadata["onnx"]["files"]["fp32"] == ONNX_FILE
+        for variant in VARIANT_CANDIDATES[spec.name]:
+            measured = metadata["variants"][variant.precision]
+            assert measured["kept"] == (directory / variant.filename).is_file()
+            assert (variant.precision in metadata["onnx"]["files"]) == measured["kept"]
+            assert measured["bytes"] > 0 and set(measured["latency_ms"]["cpu"]) == {"1", "256"}
+            if measured["kept"]:
+                assert measured["accuracy_drop_pp"] <= verify.MAX_ACCURACY_DROP_PP
+            if not torch.cuda.is_available():
+                assert measured["latency_ms"]["gpu"] == verify.GPU_NOT_MEASURED
+
+
+def test_registering_again_gives_the_same_versions(quick_run):
+    root, home, _ = quick_run
+    before = set(stored_models(home))
+    again = run(["-m", "training.register", "--artifacts-dir", str(root)], home)
+    assert again.returncode == 0, again.stderr
+    assert set(again.stdout.split()) == before
+    assert set(stored_models(home)) == before
+
+
+@pytest.fixture
+def mnist_root(quick_run, tmp_path) -> Path:
+    """A copy of the quick run's verified classifier artifact."""
+    spec = get_spec(MNIST_CLASSIFIER)
+    shutil.copytree(spec.artifact_dir(quick_run[0]), spec.artifact_dir(tmp_path))
+    return tmp_path
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def test_parity_failure_stops_with_a_clear_error_and_changes_nothing(mnist_root, caplog):
+    """Weights that no longer match the exported graph: verification must refuse them."""
+    spec = get_spec(MNIST_CLASSIFIER)
+    directory = spec.artifact_dir(mnist_root)
+    with staged_artifact(directory) as staging:
+        weights = torch.load(staging / WEIGHTS_FILE, weights_only=True)
+        weights["head.1.bias"] += 1.0 + torch.arange(10.0)  # shifts every logit differently
+        torch.save(weights, staging / WEIGHTS_FILE)
+    before = snapshot(directory)
+    with caplog.at_level(logging.ERROR):
+        status = verify.main(["--model", MNIST_CLASSIFIER, "--artifacts-dir", str(mnist_root),
+                              "--data-dir", str(DATA_DIR), "--quick",
+                              "--threads", "1"])  # fmt: skip
+    assert status == 1
+    assert "mnist-cnn: ONNX Runtime does not match PyTorch" in caplog.text
+    assert "batch size 1: max |difference|" in caplog.text
+    assert snapshot(directory) == before
+    assert [path.name for path in mnist_root.iterdir()] == [spec.name]  # no staging left
+
+
+def test_pipeline_stops_on_a_corrupted_file_and_names_it(mnist_root, caplog):
+    directory = get_spec(MNIST_CLASSIFIER).artifact_dir(mnist_root)
+    onnx_path = directory / ONNX_FILE
+    onnx_path.write_bytes(onnx_path.read_bytes()[:-1])
+    before = snapshot(directory)
+    with caplog.at_level(logging.ERROR):
+        status = pipeline.main(["--model", MNIST_CLASSIFIER, "--skip-train", "--quick",
+                                "--artifacts-dir", str(mnist_root), "--data-dir", str(DATA_DIR),
+                                "--threads", "1"])  # fmt: skip
+    assert status == 1
+    assert f"mnist-cnn: checksums failed: {onnx_path}: sha256" in caplog.text
+    assert snapshot(directory) == before
+
+
+def test_skip_train_without_an_artifact_is_an_error(tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        status = pipeline.main(["--model", MNIST_CLASSIFIER, "--skip-train", "--no-register",
+                                "--artifacts-dir", str(tmp_path)])  # fmt: skip
+    assert status == 1
+    assert "--skip-train, but there is no artifact" in caplog.text

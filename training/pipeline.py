@@ -1,0 +1,205 @@
+"""The offline pipeline: train → evaluate → export → verify → register, per model.
+
+    python -m training.pipeline                        # all models, full training
+    python -m training.pipeline --skip-train           # re-check and register the committed ones
+    python -m training.pipeline --model mnist-cnn --quick --artifacts-dir /tmp/artifacts
+
+Stages, for each model in registry order (the generator's checks read digits
+with the classifier, so the classifier comes first):
+
+    train     the model's training script (``training.mnist`` / ``.sentiment`` /
+              ``.gan``) writes a complete artifact; ``--quick`` passes ``--smoke``
+    evaluate  the saved PyTorch model's test accuracy (``training.verify``)
+    export    ONNX fp32 graph plus INT8 / fp16 candidates (``training.export``)
+    verify    ONNX Runtime against PyTorch on the test split; variants measured,
+              kept or dropped (``training.verify``)
+    register  import into the BentoML model store (``training.register``)
+
+Evaluate, export and verify work on a staged copy of the artifact that replaces
+the real one only when every check passed, so a failure leaves the previous
+artifact exactly as it was. The pipeline stops at the first failure with an
+error naming the model, the stage and the check, and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from models.artifacts import ArtifactError, staged_artifact
+from models.registry import (
+    DIGIT_GENERATOR,
+    MNIST_CLASSIFIER,
+    REGISTRY,
+    SENTIMENT_CLASSIFIER,
+    ModelSpec,
+    artifacts_root,
+    get_spec,
+)
+from training.common import default_data_dir
+from training.export import configure_logging, export_into
+from training.register import register_artifact
+from training.verify import VerificationError, evaluate_into, verify_into
+
+log = logging.getLogger(__name__)
+
+TRAINING_MODULES = {
+    MNIST_CLASSIFIER: "training.mnist",
+    SENTIMENT_CLASSIFIER: "training.sentiment",
+    DIGIT_GENERATOR: "training.gan",
+}
+ALL = "all"
+
+
+class PipelineError(RuntimeError):
+    """A stage failed; the message names the model and the stage."""
+
+
+# Failed checks: their message is the whole story. Anything else is a bug or a
+# broken environment, and keeps its traceback.
+EXPECTED_FAILURES = (VerificationError, ArtifactError)
+
+
+@contextmanager
+def stage(spec: ModelSpec, name: str) -> Iterator[None]:
+    log.info("%s: %s", spec.name, name)
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as error:
+        raise PipelineError(f"{spec.name}: {name} failed: {error}") from error
+
+
+def train(spec: ModelSpec, root: Path, args: argparse.Namespace) -> None:
+    argv = ["--data-dir", str(args.data_dir), "--output-dir", str(root), "--device", args.device]
+    if args.seed is not None:
+        argv += ["--seed", str(args.seed)]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    if args.quick:
+        argv.append("--smoke")
+    if spec.name == DIGIT_GENERATOR:
+        argv += ["--classifier-dir", str(get_spec(MNIST_CLASSIFIER).artifact_dir(root))]
+    trainer = importlib.import_module(TRAINING_MODULES[spec.name])
+    log.info("%s: python -m %s %s", spec.name, trainer.__name__, " ".join(argv))
+    status = trainer.main(argv)
+    if status:
+        raise PipelineError(f"{spec.name}: train: {trainer.__name__} exited with status {status}")
+
+
+def run_model(spec: ModelSpec, root: Path, args: argparse.Namespace) -> None:
+    directory = spec.artifact_dir(root)
+    if args.skip_train:
+        if not directory.is_dir():
+            raise PipelineError(
+                f"{spec.name}: --skip-train, but there is no artifact in "
+                f"{directory}; run the pipeline without --skip-train"
+            )
+    else:
+        with stage(spec, "train"):
+            train(spec, root, args)
+    with stage(spec, "checksums"):
+        # Checked here as well as in the staged copy, so an error names the real file.
+        spec.load_artifact(directory)
+    classifier_dir = get_spec(MNIST_CLASSIFIER).artifact_dir(root)
+    with staged_artifact(directory) as staging:
+        with stage(spec, "evaluate"):
+            evaluate_into(
+                spec, staging, args.data_dir, quick=args.quick, classifier_dir=classifier_dir
+            )
+        with stage(spec, "export"):
+            export_into(spec, staging)
+        with stage(spec, "verify"):
+            verify_into(
+                spec,
+                staging,
+                args.data_dir,
+                quick=args.quick,
+                classifier_dir=classifier_dir,
+                threads=args.threads,
+            )
+    if args.register:
+        with stage(spec, "register"):
+            tag = register_artifact(spec, directory)
+        log.info("%s: registered as %s", spec.name, tag)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model",
+        choices=[ALL, *REGISTRY],
+        default=ALL,
+        help="which model to run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke-size training and checks on a subset (for tests; the "
+        "artifacts are marked smoke)",
+    )
+    parser.add_argument(
+        "--skip-train",
+        action="store_true",
+        help="start from the existing artifacts instead of training",
+    )
+    parser.add_argument(
+        "--no-register", dest="register", action="store_false", help="stop after verification"
+    )
+    parser.add_argument(
+        "--artifacts-dir",
+        type=Path,
+        default=None,
+        help=f"artifact root (default: {artifacts_root()})",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir(),
+        help="data root with MNIST/ and SST-2/ (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="training device; parity is checked on the CPU, and GPU latencies are "
+        "measured whenever CUDA is available",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="training seed (default: each script's own)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for training and checks (default: all cores)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = args.artifacts_dir or artifacts_root()
+    names = list(REGISTRY) if args.model == ALL else [args.model]
+    try:
+        for name in names:
+            run_model(get_spec(name), root, args)
+    except PipelineError as error:
+        expected = isinstance(error.__cause__, EXPECTED_FAILURES)
+        log.error("pipeline stopped: %s", error, exc_info=None if expected else error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
