@@ -17,8 +17,6 @@ variants, the sha256 of every file and the framework versions that made it.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import platform
 import shutil
@@ -28,17 +26,11 @@ from typing import Any
 import bentoml
 
 from models.artifacts import METADATA_FILE, ONNX_FILE, ONNX_FILES, Artifact
-from models.registry import REGISTRY, ModelSpec, artifacts_root, get_spec
+from models.registry import REGISTRY, ModelSpec, artifacts_root, get_spec, store_version
 
 log = logging.getLogger(__name__)
 
 PROJECT = "digit-sentiment-serving"
-
-
-def content_version(artifact: Artifact) -> str:
-    """A short, stable version string: a hash of the artifact's file checksums."""
-    manifest = json.dumps(artifact.metadata["files"], sort_keys=True).encode()
-    return hashlib.sha256(manifest).hexdigest()[:16]
 
 
 def _plain(value: Any) -> Any:
@@ -129,7 +121,7 @@ def register_artifact(spec: ModelSpec, artifact_dir: Path | None = None) -> bent
             spec.name,
             ONNX_FILE,
         )
-    tag = bentoml.Tag(spec.bento_model_name, content_version(artifact))
+    tag = bentoml.Tag(spec.bento_model_name, store_version(artifact.metadata))
     try:
         existing = bentoml.models.get(tag)
         log.info("%s is already in the model store", existing.tag)

@@ -1,0 +1,164 @@
+"""Inference backends: one loaded model behind one small interface, free of BentoML.
+
+A ``Predictor`` takes a batch as NumPy arrays (in the order of the registry's
+ONNX input names) and returns the model's first output as a float32 array.
+Two implementations:
+
+* ``TorchPredictor``: the registry module rebuilt from the artifact's
+  state_dict, on the CPU or a GPU, in inference mode, optionally in half
+  precision (GPU only).
+* ``OnnxPredictor``: the artifact's ONNX graph (``model.onnx``, or the
+  ``model.fp16.onnx`` / ``model.int8.onnx`` variant where exported) in ONNX
+  Runtime with the CUDA or the CPU execution provider.
+
+``load_predictor`` builds either from a verified artifact directory and fails
+with a clear message when the requested backend cannot run (no ONNX file, no
+CUDA provider, half precision on the CPU): there is no silent fallback.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.artifacts import ONNX_FILES, Artifact
+from models.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class BackendError(RuntimeError):
+    """The configured backend cannot run this model here."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a model runs."""
+
+    backend: str  # torch | onnx
+    device: torch.device
+    precision: str  # fp32 | fp16 | int8 (int8: ONNX only)
+    threads: int
+
+
+class Predictor(abc.ABC):
+    """A batch of NumPy inputs → the model's first output as float32 NumPy."""
+
+    def __init__(self, spec: ModelSpec, placement: Placement) -> None:
+        self.spec = spec
+        self.placement = placement
+
+    @abc.abstractmethod
+    def __call__(self, *inputs: np.ndarray) -> np.ndarray: ...
+
+    def describe(self) -> str:
+        p = self.placement
+        return f"{p.backend} on {p.device} ({p.precision}, {p.threads} thread(s))"
+
+
+class TorchPredictor(Predictor):
+    def __init__(self, spec: ModelSpec, artifact: Artifact, placement: Placement) -> None:
+        super().__init__(spec, placement)
+        check_placement(spec, artifact, placement)
+        module = spec.load_module(artifact, placement.device)
+        self._float_dtype = torch.float16 if placement.precision == "fp16" else torch.float32
+        self.module = module.to(self._float_dtype)
+        self._non_blocking = placement.device.type == "cuda"
+
+    def __call__(self, *inputs: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            tensors = [self._to_device(array) for array in inputs]
+            output = self.module(*tensors)
+            return output.float().cpu().numpy()
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if tensor.is_floating_point():
+            tensor = tensor.to(self._float_dtype)
+        return tensor.to(self.placement.device, non_blocking=self._non_blocking)
+
+
+class OnnxPredictor(Predictor):
+    def __init__(self, spec: ModelSpec, artifact: Artifact, placement: Placement) -> None:
+        super().__init__(spec, placement)
+        import onnxruntime
+
+        check_placement(spec, artifact, placement)
+        filename = ONNX_FILES[placement.precision]
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = placement.threads
+        options.inter_op_num_threads = 1
+        # Several sessions share a worker's cores; idle threads that spin would
+        # take CPU from the session that has work.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers: list = ["CPUExecutionProvider"]
+        if placement.device.type == "cuda":
+            if hasattr(onnxruntime, "preload_dlls"):
+                # Finds the CUDA and cuDNN libraries installed from pip wheels.
+                onnxruntime.preload_dlls()
+            device_id = placement.device.index or 0
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+        self.session = onnxruntime.InferenceSession(
+            str(artifact.path(filename)), options, providers=providers
+        )
+        active = self.session.get_providers()
+        if placement.device.type == "cuda" and active[0] != "CUDAExecutionProvider":
+            raise BackendError(
+                f"{spec.name}: ONNX Runtime could not start its CUDA execution provider "
+                f"(active: {active}); check the CUDA/cuDNN libraries or use SERVING_DEVICE=cpu"
+            )
+        names = tuple(node.name for node in self.session.get_inputs())
+        if names != spec.onnx.inputs:
+            raise BackendError(
+                f"{spec.name}: {filename} has inputs {names}, the registry expects "
+                f"{spec.onnx.inputs}; re-export the model"
+            )
+        self._input_names = names
+
+    def __call__(self, *inputs: np.ndarray) -> np.ndarray:
+        feeds = dict(zip(self._input_names, inputs, strict=True))
+        return self.session.run(None, feeds)[0]
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` → the first GPU when CUDA is available, else the CPU; a GPU must exist if asked."""
+    if requested == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {requested!r} was requested but CUDA is not available")
+    return device
+
+
+def check_placement(spec: ModelSpec, artifact: Artifact, placement: Placement) -> None:
+    """Raise ``BackendError`` if this model cannot run so; cheap, builds nothing."""
+    if placement.backend == "torch":
+        if placement.precision not in ("fp32", "fp16"):
+            raise BackendError(f"{spec.name}: the torch backend runs fp32 or fp16")
+        if placement.precision == "fp16" and placement.device.type != "cuda":
+            raise BackendError(f"{spec.name}: half precision needs a CUDA device")
+    elif placement.backend == "onnx":
+        filename = ONNX_FILES.get(placement.precision)
+        if filename is None:
+            raise BackendError(f"{spec.name}: no ONNX variant for {placement.precision!r}")
+        if not artifact.has(filename):
+            raise BackendError(
+                f"{spec.name}: the artifact in {artifact.directory} has no {filename} "
+                f"(the {placement.precision} ONNX graph); export it first "
+                "(python -m training.export) or choose another backend or precision"
+            )
+    else:
+        raise BackendError(f"unknown backend {placement.backend!r}; expected torch or onnx")
+
+
+def load_predictor(spec: ModelSpec, artifact: Artifact, placement: Placement) -> Predictor:
+    if placement.backend == "torch":
+        return TorchPredictor(spec, artifact, placement)
+    if placement.backend == "onnx":
+        return OnnxPredictor(spec, artifact, placement)
+    check_placement(spec, artifact, placement)  # raises for an unknown backend
+    raise AssertionError("unreachable")

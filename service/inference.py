@@ -1,0 +1,157 @@
+"""What the service does with each model, free of BentoML and of HTTP.
+
+Each task has two halves:
+
+* ``prepare_*`` turns one request item into one model input row, using the
+  same preprocessing functions as training (``models.preprocessing``,
+  ``models.tokenizer``). It runs per request, so a bad item fails only its
+  own request.
+* ``run_batch`` takes the rows of many requests (already capped at the
+  batcher's ``max_batch_size``), calls the predictor and returns one result
+  per row. It runs in the batcher's thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.preprocessing import (
+    digit_pixels_from_image,
+    digits_from_generator_output,
+    encode_texts,
+    latent_batch,
+    normalize_digits,
+)
+from models.tokenizer import Vocabulary, tokenize
+from service.backends import Predictor
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+class DigitClassification:
+    """Image → ``1×28×28`` normalised pixels → probabilities of the ten digits."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+
+    @staticmethod
+    def prepare(image: Image.Image) -> np.ndarray:
+        # digit_tensor_from_image without the round trip through torch, which costs
+        # more than the arithmetic for one 28×28 image; the result is the same.
+        return normalize_digits(digit_pixels_from_image(image))[np.newaxis]
+
+    def run_batch(self, rows: list[np.ndarray]) -> list[np.ndarray]:
+        logits = self.predictor(np.stack(rows))
+        return list(softmax(logits.astype(np.float32)))
+
+
+class EmptyText(ValueError):
+    """The text has no tokens to classify."""
+
+
+class SentimentClassification:
+    """Raw text → SST-2 tokens → vocabulary ids → P(positive)."""
+
+    # Rows are grouped by length so that a long text does not make every short
+    # one in its batch pay for padding: a group's longest row is at most this
+    # many times its shortest (plus a few tokens).
+    LENGTH_RATIO = 2.0
+    LENGTH_SLACK = 8
+
+    def __init__(self, predictor: Predictor, vocabulary: Vocabulary) -> None:
+        self.predictor = predictor
+        self.vocabulary = vocabulary
+
+    def prepare(self, text: str) -> list[int]:
+        tokens = tokenize(text)
+        if not tokens:
+            raise EmptyText("the text contains no words or symbols to classify")
+        return self.vocabulary.encode(tokens)
+
+    def run_batch(self, rows: list[list[int]]) -> list[float]:
+        scores = [0.0] * len(rows)
+        for group in self._length_groups(rows):
+            token_ids, lengths = encode_texts([rows[i] for i in group])
+            logits = self.predictor(token_ids.numpy(), lengths.numpy())
+            positive = softmax(logits.astype(np.float32))[:, 1]
+            for index, score in zip(group, positive.tolist(), strict=True):
+                scores[index] = score
+        return scores
+
+    def _length_groups(self, rows: Sequence[Sequence[int]]) -> list[list[int]]:
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        groups: list[list[int]] = []
+        for index in order:
+            if groups:
+                shortest = len(rows[groups[-1][0]])
+                if len(rows[index]) <= shortest * self.LENGTH_RATIO + self.LENGTH_SLACK:
+                    groups[-1].append(index)
+                    continue
+            groups.append([index])
+        return groups
+
+
+@dataclass(frozen=True)
+class LatentRow:
+    latent: np.ndarray  # float32, latent_dim
+    label: int
+
+
+class DigitGeneration:
+    """(n, digit, seed) → latent rows → generated ``28×28`` uint8 digits, white on black."""
+
+    def __init__(self, predictor: Predictor, latent_dim: int, num_classes: int) -> None:
+        self.predictor = predictor
+        self.latent_dim = latent_dim
+        self.num_classes = num_classes
+        # When set, every model call is padded to this many rows, so the kernels
+        # always see one batch shape (cheap on a GPU, where they may otherwise pick
+        # a different algorithm per batch size).
+        self.pad_to: int | None = None
+
+    def prepare(self, count: int, digit: int | None, seed: int) -> list[LatentRow]:
+        latent, labels = latent_batch(count, self.latent_dim, seed, digit, self.num_classes)
+        return [
+            LatentRow(row, label)
+            for row, label in zip(latent.numpy(), labels.tolist(), strict=True)
+        ]
+
+    def run_batch(self, rows: list[LatentRow]) -> list[np.ndarray]:
+        images = self._raw(rows)
+        pixels = digits_from_generator_output(torch.from_numpy(images)).numpy()
+        return list(np.rint(pixels[:, 0] * 255).astype(np.uint8))
+
+    def rows_independent_of_batch(self, sizes: Sequence[int]) -> bool:
+        """Whether a row's output is bitwise the same whatever else shares its batch.
+
+        Only then may rows of different requests share a model call without
+        breaking "same seed, same bytes": kernels can pick a different
+        algorithm (and rounding) per batch size. Checked once at start-up, with
+        the batch sizes the batcher can produce.
+        """
+        probe = self.prepare(max(sizes), None, seed=0)
+        reference = self._raw(probe)
+        for size in sizes:
+            for start in (0, len(probe) - size):
+                chunk = probe[start : start + size]
+                if not np.array_equal(self._raw(chunk), reference[start : start + size]):
+                    return False
+        return True
+
+    def _raw(self, rows: Sequence[LatentRow]) -> np.ndarray:
+        latent = np.stack([row.latent for row in rows])
+        labels = np.array([row.label for row in rows], dtype=np.int64)
+        padding = (self.pad_to or 0) - len(rows)
+        if padding > 0:
+            latent = np.concatenate([latent, np.zeros((padding, self.latent_dim), np.float32)])
+            labels = np.concatenate([labels, np.zeros(padding, np.int64)])
+        return self.predictor(latent, labels)[: len(rows)]

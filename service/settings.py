@@ -1,0 +1,306 @@
+"""Every setting of the service, read once from environment variables.
+
+Start the service with any of these set to change its behaviour, e.g.::
+
+    SERVING_DEVICE=cpu SERVING_CLASSIFY_MAX_BATCH_SIZE=32 \\
+        bentoml serve service.service:ServingService --port 3000
+
+Device and inference backend
+    SERVING_DEVICE              auto | cpu | cuda | cuda:N   (default auto: CUDA when available)
+    SERVING_BACKEND             auto | torch | onnx          default backend of every model
+    SERVING_<MODEL>_BACKEND     per-model override; <MODEL> is CLASSIFIER, SENTIMENT or GENERATOR
+                                auto picks the fastest measured for the device (``AUTO_BACKEND``)
+    SERVING_PRECISION           auto | fp32 | fp16 | int8    default precision of every model
+    SERVING_<MODEL>_PRECISION   per-model override; auto is fp16 for PyTorch on CUDA, else fp32;
+                                ONNX fp16/int8 need the exported model.fp16.onnx / model.int8.onnx
+    SERVING_THREADS             intra-op threads per model and worker (default: CPU count / workers)
+    SERVING_WORKERS             BentoML worker processes, each with its own models (default 1)
+
+Models (BentoML model store tags; ``BENTOML_HOME`` chooses the store)
+    SERVING_<MODEL>_TAG         default: the registry name and the content version of the
+                                artifact in models/artifacts/<name>/ (what ``python -m
+                                training.register`` imported), else ``<name>:latest``
+
+Adaptive batching, per endpoint (<ENDPOINT> is CLASSIFY, SENTIMENT or GENERATE)
+    SERVING_BATCHING                    on | off   (default on; off runs every request alone)
+    SERVING_<ENDPOINT>_MAX_BATCH_SIZE   most items one model call may take (see ``_BATCHING``)
+    SERVING_<ENDPOINT>_MAX_LATENCY_MS   longest the oldest queued item waits for a fuller batch
+                                        while other requests are still arriving
+    SERVING_MAX_QUEUE_ITEMS             items queued per endpoint before answering 503 (4096)
+
+Request limits (every violation is a 4xx with a JSON body naming the problem)
+    SERVING_MAX_BODY_BYTES          request body size (default 16 MiB)
+    SERVING_MAX_IMAGE_PIXELS        width × height of one image (default 16,777,216 = 4096²)
+    SERVING_MAX_ITEMS_PER_REQUEST   images or texts in one batch request (default 128)
+    SERVING_MAX_TEXT_CHARS          characters in one text (default 2000)
+    SERVING_MAX_GENERATE_N          images in one /generate request (default 64)
+    SERVING_REQUEST_TIMEOUT_S       a request still unanswered after this gets a 504 (default 60)
+
+Logging
+    SERVING_LOG_LEVEL               level of the service's own log (default INFO: the start-up
+                                    summary, warnings and server errors; DEBUG adds one line per
+                                    rejected request)
+    SERVING_ACCESS_LOG              on | off   BentoML's per-request access log (default off:
+                                    it costs throughput)
+    SERVING_TRACING                 on | off   OpenTelemetry spans for the API routes (default
+                                    off: BentoML records a span per request and per body chunk
+                                    even when no exporter is configured, about a quarter of
+                                    the event loop's time; turn on with a tracing exporter)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from models.registry import DIGIT_GENERATOR, MNIST_CLASSIFIER, SENTIMENT_CLASSIFIER
+
+PREFIX = "SERVING_"
+
+# Registry name of the model behind each key used in setting names.
+MODEL_KEYS: dict[str, str] = {
+    "classifier": MNIST_CLASSIFIER,
+    "sentiment": SENTIMENT_CLASSIFIER,
+    "generator": DIGIT_GENERATOR,
+}
+ENDPOINTS = ("classify", "sentiment", "generate")
+
+BACKENDS = ("torch", "onnx")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+# The backend ``auto`` resolves to, per device type and model. Measured with
+# ``python -m service.measure_backends`` (1 thread, median ms per call at batch 1 / 64):
+#   mnist-cnn    torch 0.64 / 27.9   onnx 0.10 / 5.1
+#   sst2-bilstm  torch 0.72 / 12.7   onnx 0.31 / 11.9
+#   digit-gan    torch 1.39 / 32.2   onnx 0.49 / 29.4
+# so ONNX Runtime on the CPU. The kept int8 graphs are faster still (sst2-bilstm
+# 0.16 / 6.1 ms) but not bit-faithful, so they are opt-in (SERVING_<MODEL>_PRECISION=int8).
+# On CUDA the default is PyTorch in half precision under inference mode; it is not
+# measured here (no GPU): run the same command on the GPU and override where ONNX wins.
+AUTO_BACKEND: dict[str, dict[str, str]] = {
+    "cpu": {"classifier": "onnx", "sentiment": "onnx", "generator": "onnx"},
+    "cuda": {"classifier": "torch", "sentiment": "torch", "generator": "torch"},
+}
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How one endpoint's batcher forms batches."""
+
+    max_batch_size: int
+    max_latency_ms: float
+
+
+# Defaults per endpoint, chosen from measurements on the 2-core CPU machine (ONNX Runtime,
+# 1 worker, `python -m bench.run --url ... --concurrency 64|256`, requests/s for
+# classify / sentiment / generate n=1):
+#   64 clients:  batch  8: 1051 / 999 / 841    16: 952 / 1112 / 1010
+#                batch 32: 1112 / 1285 / 1122  64: 1156 / 1280 / 910
+#   256 clients: batch 32: 930 / 1072 / 909    64: 1048 / 1227 / 894   128: 938 / 1003 / 875
+#   wait 0 ms: 1100 / 1326 / 819    2 ms: 1156 / 1280 / 910    5 ms: 929 / 1152 / 1015
+#   batching off: 566 / 487 / 393 (64 clients)
+# 64 items and 2 ms are best or within noise everywhere. The CUDA defaults are not
+# measured here (no GPU): larger batches cost a GPU almost nothing; tune with bench.
+_BATCHING: dict[str, dict[str, BatchingConfig]] = {
+    "cpu": {
+        "classify": BatchingConfig(max_batch_size=64, max_latency_ms=2.0),
+        "sentiment": BatchingConfig(max_batch_size=64, max_latency_ms=2.0),
+        "generate": BatchingConfig(max_batch_size=64, max_latency_ms=2.0),
+    },
+    "cuda": {
+        "classify": BatchingConfig(max_batch_size=256, max_latency_ms=2.0),
+        "sentiment": BatchingConfig(max_batch_size=256, max_latency_ms=2.0),
+        "generate": BatchingConfig(max_batch_size=256, max_latency_ms=2.0),
+    },
+}
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot use."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How one model is loaded and run."""
+
+    key: str
+    registry_name: str
+    tag: str | None  # None: derive from the artifact's content (see service.model_store)
+    backend: str  # torch | onnx | auto
+    precision: str  # fp32 | fp16 | auto
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_items_per_request: int = 128
+    max_text_chars: int = 2000
+    max_generate_n: int = 64
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: str = "auto"
+    workers: int = 1
+    threads: int | None = None
+    batching_enabled: bool = True
+    # Only the values set in the environment; the rest come from the device's defaults.
+    max_batch_size: Mapping[str, int] = field(default_factory=dict)
+    max_latency_ms: Mapping[str, float] = field(default_factory=dict)
+    max_queue_items: int = 4096
+    models: Mapping[str, ModelSettings] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+    request_timeout_s: float = 60.0
+    log_level: str = "INFO"
+    access_log: bool = False
+    tracing: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = _Env(os.environ if environ is None else environ)
+        workers = env.integer("WORKERS", 1, minimum=1)
+        models = {
+            key: ModelSettings(
+                key=key,
+                registry_name=name,
+                tag=env.text(f"{key.upper()}_TAG", None),
+                backend=env.choice(
+                    f"{key.upper()}_BACKEND",
+                    env.choice("BACKEND", "auto", ("auto", *BACKENDS)),
+                    ("auto", *BACKENDS),
+                ),
+                precision=env.choice(
+                    f"{key.upper()}_PRECISION",
+                    env.choice("PRECISION", "auto", ("auto", *PRECISIONS)),
+                    ("auto", *PRECISIONS),
+                ),
+            )
+            for key, name in MODEL_KEYS.items()
+        }
+        # Unset batch sizes and waits are filled in per device once the device is known.
+        sizes = {e: env.integer(f"{e.upper()}_MAX_BATCH_SIZE", None, minimum=1) for e in ENDPOINTS}
+        waits = {e: env.number(f"{e.upper()}_MAX_LATENCY_MS", None, minimum=0.0) for e in ENDPOINTS}
+        return cls(
+            device=_device(env.text("DEVICE", "auto")),
+            workers=workers,
+            threads=env.integer("THREADS", None, minimum=1),
+            batching_enabled=env.flag("BATCHING", True),
+            max_batch_size={e: size for e, size in sizes.items() if size is not None},
+            max_latency_ms={e: wait for e, wait in waits.items() if wait is not None},
+            max_queue_items=env.integer("MAX_QUEUE_ITEMS", 4096, minimum=1),
+            models=models,
+            limits=Limits(
+                max_body_bytes=env.integer("MAX_BODY_BYTES", Limits.max_body_bytes, minimum=1024),
+                max_image_pixels=env.integer(
+                    "MAX_IMAGE_PIXELS", Limits.max_image_pixels, minimum=28 * 28
+                ),
+                max_items_per_request=env.integer(
+                    "MAX_ITEMS_PER_REQUEST", Limits.max_items_per_request, minimum=1
+                ),
+                max_text_chars=env.integer("MAX_TEXT_CHARS", Limits.max_text_chars, minimum=1),
+                max_generate_n=env.integer("MAX_GENERATE_N", Limits.max_generate_n, minimum=1),
+            ),
+            request_timeout_s=env.number("REQUEST_TIMEOUT_S", 60.0, minimum=0.1),
+            log_level=env.choice(
+                "LOG_LEVEL", "info", ("debug", "info", "warning", "error")
+            ).upper(),
+            access_log=env.flag("ACCESS_LOG", False),
+            tracing=env.flag("TRACING", False),
+        )
+
+    def threads_per_model(self, cpu_count: int | None = None) -> int:
+        """Intra-op threads for each model: the CPUs shared out between the workers."""
+        if self.threads is not None:
+            return self.threads
+        return max(1, (cpu_count or os.cpu_count() or 1) // self.workers)
+
+    def resolve_batching(self, device_type: str) -> dict[str, BatchingConfig]:
+        """The batching of every endpoint on this device: the measured defaults, overridden."""
+        defaults = _BATCHING["cuda" if device_type == "cuda" else "cpu"]
+        return {
+            endpoint: BatchingConfig(
+                max_batch_size=self.max_batch_size.get(endpoint, base.max_batch_size),
+                max_latency_ms=self.max_latency_ms.get(endpoint, base.max_latency_ms),
+            )
+            for endpoint, base in defaults.items()
+        }
+
+
+@functools.cache
+def current_settings() -> Settings:
+    """The settings of this process, read from the environment once."""
+    return Settings.from_env()
+
+
+def resolve_backend(model: ModelSettings, device_type: str) -> str:
+    if model.backend != "auto":
+        return model.backend
+    return AUTO_BACKEND["cuda" if device_type == "cuda" else "cpu"][model.key]
+
+
+def resolve_precision(model: ModelSettings, backend: str, device_type: str) -> str:
+    """``auto`` is half precision for PyTorch on the GPU, where it keeps parity; fp32 elsewhere."""
+    if model.precision != "auto":
+        return model.precision
+    return "fp16" if device_type == "cuda" and backend == "torch" else "fp32"
+
+
+def _device(value: str) -> str:
+    value = value.strip().lower()
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise SettingsError(f"{PREFIX}DEVICE={value!r}: expected auto, cpu, cuda or cuda:N")
+
+
+class _Env:
+    """Typed reads of ``SERVING_*`` variables that name the variable when a value is bad."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+
+    def text(self, name: str, default: str | None) -> str | None:
+        value = self.environ.get(PREFIX + name, "").strip()
+        return value or default
+
+    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
+        value = (self.text(name, default) or default).lower()
+        if value not in options:
+            raise SettingsError(f"{PREFIX}{name}={value!r}: expected one of {', '.join(options)}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.text(name, None)
+        if value is None:
+            return default
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{PREFIX}{name}={value!r}: expected on or off")
+
+    def integer(self, name: str, default: int | None, *, minimum: int) -> int | None:
+        value = self.text(name, None)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise SettingsError(f"{PREFIX}{name}={value!r}: expected an integer") from None
+        if number < minimum:
+            raise SettingsError(f"{PREFIX}{name}={number}: must be at least {minimum}")
+        return number
+
+    def number(self, name: str, default: float | None, *, minimum: float) -> float | None:
+        value = self.text(name, None)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise SettingsError(f"{PREFIX}{name}={value!r}: expected a number") from None
+        if not number >= minimum:
+            raise SettingsError(f"{PREFIX}{name}={number}: must be at least {minimum}")
+        return number

@@ -1,0 +1,170 @@
+"""Inference backends and model tasks on the released artifacts: PyTorch and ONNX
+Runtime agree, batching never changes a generated bit, a missing ONNX file or an
+impossible placement fails loudly at start-up, and the service pins the same
+model store tags as the registration script."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.artifacts import ONNX_FILE, staged_artifact
+from models.registry import DIGIT_GENERATOR, REGISTRY, SENTIMENT_CLASSIFIER, get_spec
+from models.tokenizer import Vocabulary
+from service.backends import BackendError, Placement, load_predictor
+from service.inference import DigitGeneration, SentimentClassification
+from service.measure_backends import example_batch
+from service.model_store import resolve_tag
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def placement(backend: str, precision: str = "fp32", device: torch.device = CPU) -> Placement:
+    return Placement(backend=backend, device=device, precision=precision, threads=1)
+
+
+@pytest.fixture(scope="module")
+def artifacts(release_artifacts):
+    return {
+        name: spec.load_artifact(spec.artifact_dir(release_artifacts))
+        for name, spec in REGISTRY.items()
+    }
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_torch_and_onnx_runtime_agree(artifacts, name):
+    spec = get_spec(name)
+    torch_predictor = load_predictor(spec, artifacts[name], placement("torch"))
+    onnx_predictor = load_predictor(spec, artifacts[name], placement("onnx"))
+    for size in (1, 5, 64):
+        inputs = example_batch(spec, artifacts[name].config, size)
+        np.testing.assert_allclose(
+            onnx_predictor(*inputs), torch_predictor(*inputs), atol=1e-4, rtol=1e-4
+        )
+
+
+def test_sentiment_scores_do_not_depend_on_the_other_texts_in_the_batch(artifacts):
+    spec = get_spec(SENTIMENT_CLASSIFIER)
+    artifact = artifacts[SENTIMENT_CLASSIFIER]
+    task = SentimentClassification(
+        load_predictor(spec, artifact, placement("onnx")),
+        Vocabulary.load(artifact.path("vocab.json")),
+    )
+    texts = [
+        "great",
+        "a long , winding and ultimately rewarding film " * 6,
+        "bad",
+        "not good at all",
+    ]
+    rows = [task.prepare(text) for text in texts]
+    together = task.run_batch(rows)
+    alone = [task.run_batch([row])[0] for row in rows]
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_generation_batch_invariance_is_measured_not_assumed(artifacts, backend):
+    spec = get_spec(DIGIT_GENERATOR)
+    artifact = artifacts[DIGIT_GENERATOR]
+    config = spec.config_from_dict(artifact.config)
+    task = DigitGeneration(
+        load_predictor(spec, artifact, placement(backend)), config.latent_dim, config.num_classes
+    )
+    sizes = [1, 2, 3, 5, 8, 13, 64]
+    invariant = task.rows_independent_of_batch(sizes)
+    if backend == "onnx":
+        # The CPU default: rows of different requests may share a call.
+        assert invariant
+    if invariant:
+        rows = task.prepare(64, None, seed=3)
+        together = task.run_batch(rows)
+        assert all(
+            np.array_equal(a, b)
+            for a, b in zip(task.run_batch(rows[:7]), together[:7], strict=True)
+        )
+
+
+def test_a_missing_onnx_file_fails_with_a_clear_message(artifacts, tmp_path):
+    spec = get_spec("mnist-cnn")
+    copy = tmp_path / spec.name
+    shutil.copytree(artifacts[spec.name].directory, copy)
+    with staged_artifact(copy) as staging:
+        (staging / ONNX_FILE).unlink()
+    without_onnx = spec.load_artifact(copy)
+    with pytest.raises(BackendError, match=r"has no model\.onnx"):
+        load_predictor(spec, without_onnx, placement("onnx"))
+    assert load_predictor(spec, without_onnx, placement("torch")) is not None
+
+
+def test_impossible_placements_are_refused(artifacts):
+    spec = get_spec("mnist-cnn")
+    with pytest.raises(BackendError, match="CUDA"):
+        load_predictor(spec, artifacts["mnist-cnn"], placement("torch", "fp16"))
+    with pytest.raises(BackendError, match="fp32 or fp16"):
+        load_predictor(spec, artifacts["mnist-cnn"], placement("torch", "int8"))
+    with pytest.raises(BackendError, match="unknown backend"):
+        load_predictor(spec, artifacts["mnist-cnn"], placement("tensorrt"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_half_precision_on_the_gpu_keeps_parity(artifacts, name):
+    spec = get_spec(name)
+    cuda = torch.device("cuda")
+    reference = load_predictor(spec, artifacts[name], placement("torch", "fp32", cuda))
+    half = load_predictor(spec, artifacts[name], placement("torch", "fp16", cuda))
+    inputs = example_batch(spec, artifacts[name].config, 64)
+    expected, actual = reference(*inputs), half(*inputs)
+    if name == DIGIT_GENERATOR:
+        assert np.abs(actual - expected).max() < 2 / 255 * 2  # pixels in [-1, 1]
+    else:
+        assert (actual.argmax(axis=1) == expected.argmax(axis=1)).mean() >= 0.99
+
+
+def test_the_service_pins_the_tags_the_registration_creates(release_artifacts, model_store):
+    for name, spec in REGISTRY.items():
+        assert resolve_tag(spec, root=release_artifacts) == model_store[name]
+    assert resolve_tag(get_spec("mnist-cnn"), "mnist-cnn:custom") == "mnist-cnn:custom"
+    assert resolve_tag(get_spec("mnist-cnn"), root=Path("/nonexistent")) == "mnist-cnn:latest"
+
+
+def test_the_service_refuses_to_start_without_the_configured_backend_file(
+    release_artifacts, tmp_path
+):
+    root = tmp_path / "artifacts"
+    for spec in REGISTRY.values():
+        shutil.copytree(spec.artifact_dir(release_artifacts), root / spec.name)
+    with staged_artifact(root / "sst2-bilstm") as staging:
+        (staging / ONNX_FILE).unlink()
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(tmp_path / "home"),
+        "MODEL_ARTIFACTS_DIR": str(root),
+        "SERVING_DEVICE": "cpu",
+        "SERVING_BACKEND": "onnx",
+    }
+    subprocess.run(
+        [sys.executable, "-m", "training.register"],
+        cwd=REPO_ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    # `bentoml serve` stops before starting any worker, naming the missing file.
+    serve = [sys.executable, "-m", "bentoml", "serve", "service.service:ServingService",
+             "--port", "0"]  # fmt: skip
+    result = subprocess.run(
+        serve, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "sst2-bilstm" in output and "has no model.onnx" in output

@@ -1,0 +1,371 @@
+"""Unit tests of the service's framework-free parts: settings, the adaptive
+batcher, safe image decoding, error bodies and the ASGI request gate."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import time
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from service.batching import AdaptiveBatcher, QueueFull
+from service.errors import Problem, RequestError
+from service.http import JSON, MULTIPART, InFlight, RequestGate
+from service.imaging import ImageError, encode_png, grid_png, load_image, open_image
+from service.settings import Settings, SettingsError, resolve_backend, resolve_precision
+
+# --- settings -------------------------------------------------------------------------
+
+
+def test_settings_defaults_and_overrides():
+    defaults = Settings.from_env({})
+    assert defaults.device == "auto" and defaults.workers == 1 and defaults.batching_enabled
+    assert resolve_backend(defaults.models["classifier"], "cpu") == "onnx"
+    assert resolve_precision(defaults.models["generator"], "torch", "cuda") == "fp16"
+    assert resolve_precision(defaults.models["generator"], "torch", "cpu") == "fp32"
+
+    settings = Settings.from_env(
+        {
+            "SERVING_BACKEND": "torch",
+            "SERVING_SENTIMENT_BACKEND": "onnx",
+            "SERVING_CLASSIFY_MAX_BATCH_SIZE": "16",
+            "SERVING_GENERATE_MAX_LATENCY_MS": "0",
+            "SERVING_BATCHING": "off",
+            "SERVING_WORKERS": "4",
+            "SERVING_MAX_TEXT_CHARS": "100",
+        }
+    )
+    assert settings.models["classifier"].backend == "torch"
+    assert settings.models["sentiment"].backend == "onnx"
+    assert not settings.batching_enabled
+    assert settings.limits.max_text_chars == 100
+    assert settings.threads_per_model(cpu_count=16) == 4
+    batching = settings.resolve_batching("cpu")
+    assert batching["classify"].max_batch_size == 16
+    assert batching["generate"].max_latency_ms == 0
+    assert batching["sentiment"] == Settings.from_env({}).resolve_batching("cpu")["sentiment"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SERVING_DEVICE", "tpu"),
+        ("SERVING_BACKEND", "tensorrt"),
+        ("SERVING_CLASSIFY_MAX_BATCH_SIZE", "0"),
+        ("SERVING_WORKERS", "two"),
+        ("SERVING_BATCHING", "maybe"),
+    ],
+)
+def test_a_bad_setting_names_the_variable(name, value):
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({name: value})
+
+
+# --- adaptive batcher -----------------------------------------------------------------
+
+
+class RecordingModel:
+    """A stand-in 'model' that doubles numbers and records each call's batch."""
+
+    def __init__(self, delay_s: float = 0.0, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        time.sleep(self.delay_s)
+        if self.fail_on is not None and self.fail_on in items:
+            raise ValueError("boom")
+        return [2 * item for item in items]
+
+
+def _batcher(model: RecordingModel, **kwargs) -> AdaptiveBatcher[int, int]:
+    options = {"max_batch_size": 8, "max_latency_ms": 0}
+    options.update(kwargs)
+    return AdaptiveBatcher("test", model, **options)
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_results():
+    model = RecordingModel(delay_s=0.01)
+    batcher = _batcher(model)
+
+    async def main():
+        return await asyncio.gather(*[batcher.submit([i]) for i in range(40)])
+
+    results = asyncio.run(main())
+    assert results == [[2 * i] for i in range(40)]
+    assert max(len(b) for b in model.batches) > 1
+    assert max(len(b) for b in model.batches) <= 8
+    assert sorted(item for b in model.batches for item in b) == list(range(40))
+
+
+def test_a_request_larger_than_the_batch_is_split_and_reassembled_in_order():
+    model = RecordingModel()
+    batcher = _batcher(model, max_batch_size=8)
+
+    async def main():
+        # 20 + 5 + 7 items: more than one batch in total and in the first request alone.
+        return await asyncio.gather(
+            batcher.submit(list(range(20))),
+            batcher.submit(list(range(100, 105))),
+            batcher.submit(list(range(200, 207))),
+        )
+
+    big, small, medium = asyncio.run(main())
+    assert big == [2 * i for i in range(20)]
+    assert small == [2 * i for i in range(100, 105)]
+    assert medium == [2 * i for i in range(200, 207)]
+    assert all(len(b) <= 8 for b in model.batches)
+    assert sum(len(b) for b in model.batches) == 32
+
+
+def test_isolated_requests_never_share_a_model_call():
+    model = RecordingModel()
+    batcher = _batcher(model, isolate_requests=True, max_batch_size=4)
+
+    async def main():
+        return await asyncio.gather(
+            *[batcher.submit([10 * r + i for i in range(3)]) for r in range(5)]
+        )
+
+    asyncio.run(main())
+    for batch in model.batches:
+        assert len({item // 10 for item in batch}) == 1
+
+
+def test_a_failing_batch_fails_only_its_requests_and_the_batcher_goes_on():
+    model = RecordingModel(fail_on=3)
+    batcher = _batcher(model, isolate_requests=True)
+
+    async def main():
+        outcomes = await asyncio.gather(
+            batcher.submit([1]), batcher.submit([3]), batcher.submit([5]), return_exceptions=True
+        )
+        later = await batcher.submit([7])
+        return outcomes, later
+
+    outcomes, later = asyncio.run(main())
+    assert outcomes[0] == [2] and outcomes[2] == [10]
+    assert isinstance(outcomes[1], ValueError)
+    assert later == [14]
+
+
+def test_a_full_queue_refuses_new_work():
+    model = RecordingModel(delay_s=0.05)
+    batcher = _batcher(model, max_queue_items=10, max_batch_size=4)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(list(range(10))))
+        await asyncio.sleep(0)  # the first request is queued
+        with pytest.raises(QueueFull):
+            await batcher.submit([1, 2, 3])
+        return await first
+
+    assert asyncio.run(main()) == [2 * i for i in range(10)]
+
+
+def test_a_lone_request_does_not_wait_for_a_batch_to_fill():
+    model = RecordingModel()
+    batcher = _batcher(model, max_latency_ms=500)
+
+    async def main():
+        await batcher.submit([1])  # warm up the consumer and its thread
+        start = time.perf_counter()
+        await batcher.submit([2])
+        return time.perf_counter() - start
+
+    assert asyncio.run(main()) < 0.2
+
+
+def test_the_batcher_waits_for_requests_still_arriving_up_to_the_latency_bound():
+    model = RecordingModel()
+    arriving = {"count": 0}
+    batcher = _batcher(model, max_latency_ms=150, arriving_requests=lambda: arriving["count"])
+
+    async def main():
+        await batcher.submit([0])
+        # Two requests are in the server; the second reaches the batcher 50 ms later.
+        arriving["count"] = 2
+        first = asyncio.ensure_future(batcher.submit([1]))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(batcher.submit([2]))
+        await asyncio.gather(first, second)
+        # One request announced but never submitted: the wait ends at the bound.
+        arriving["count"] = 2
+        start = time.perf_counter()
+        await batcher.submit([3])
+        return time.perf_counter() - start
+
+    waited = asyncio.run(main())
+    assert [1, 2] in model.batches
+    assert 0.1 <= waited < 1.0
+
+
+def test_an_abandoned_request_is_not_run():
+    model = RecordingModel(delay_s=0.05)
+    batcher = _batcher(model, max_batch_size=1)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit([1]))
+        abandoned = asyncio.ensure_future(batcher.submit([2]))
+        await asyncio.sleep(0.01)
+        abandoned.cancel()
+        assert await first == [2]
+        assert await batcher.submit([3]) == [6]
+
+    asyncio.run(main())
+    assert [2] not in model.batches
+
+
+# --- images ---------------------------------------------------------------------------
+
+
+def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width``×``height`` pixels but carries almost no data."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    data = zlib.compress(b"\x00" * 1000)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP"])
+def test_every_supported_format_opens_and_loads(fmt):
+    image = Image.new("RGB", (40, 30), "white")
+    opened = open_image(_encoded(image, fmt), max_pixels=10_000)
+    assert opened.format == fmt and opened.size == (40, 30)
+    assert load_image(opened).size == (40, 30)
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"", "empty_file"),
+        (b"hello, world", "invalid_image"),
+        (_encoded(Image.new("L", (8, 8)), "TIFF"), "invalid_image"),
+        (_png_header_only(100_000, 100_000), "image_too_large"),
+        (_png_header_only(5000, 5000), "image_too_large"),
+    ],
+)
+def test_bad_uploads_are_refused_from_the_header(data, kind):
+    start = time.perf_counter()
+    with pytest.raises(ImageError) as caught:
+        open_image(data, max_pixels=4096 * 4096)
+    assert caught.value.type == kind
+    assert time.perf_counter() - start < 0.5  # nothing was decompressed
+
+
+def test_truncated_and_corrupt_data_fail_on_load():
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+    jpeg = _encoded(photo, "JPEG")
+    with pytest.raises(ImageError) as caught:
+        load_image(open_image(jpeg[: len(jpeg) // 2], max_pixels=10_000))
+    assert caught.value.type == "corrupt_image"
+    png = _encoded(photo, "PNG")
+    corrupt = png[:60] + bytes(len(png) - 80) + png[-20:]
+    with pytest.raises(ImageError):
+        load_image(open_image(corrupt, max_pixels=10_000))
+
+
+def test_png_encoding_is_deterministic_and_grids_lay_out_tiles():
+    tile = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
+    assert encode_png(tile) == encode_png(tile.copy())
+    grid = Image.open(io.BytesIO(grid_png([tile] * 5)))
+    assert grid.size == (3 * 28 + 4 * 2, 2 * 28 + 3 * 2)
+
+
+# --- errors and the request gate ------------------------------------------------------
+
+
+def test_error_bodies_are_objects_naming_each_problem():
+    error = RequestError(
+        [Problem("invalid_image", "not an image", ("images", 1)), Problem("x", "y", ("images", 3))]
+    )
+    body = error.body()
+    assert body["error"].startswith("images[1]: not an image")
+    assert [d["loc"] for d in body["detail"]] == [["images", 1], ["images", 3]]
+    assert error.response().status_code == 400
+
+
+def test_the_gate_checks_method_content_type_and_size():
+    in_flight = InFlight()
+    seen = {}
+
+    async def echo(request: Request) -> JSONResponse:
+        body = await request.body()
+        seen["in_flight"] = in_flight.count(["/echo"])
+        return JSONResponse({"bytes": len(body)})
+
+    app = Starlette(
+        routes=[
+            Route("/echo", echo, methods=["POST", "GET"]),
+            Route("/files", echo, methods=["POST"]),
+        ]
+    )
+    app.add_middleware(
+        RequestGate,
+        routes={"/echo": JSON, "/files": MULTIPART},
+        max_body_bytes=1000,
+        in_flight=in_flight,
+    )
+
+    async def chunks(count: int):
+        for _ in range(count):
+            yield b"x" * 100
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            json_type = {"Content-Type": JSON}
+            ok = await client.post("/echo", content=b'{"a": 1}', headers=json_type)
+            assert ok.json() == {"bytes": 8}
+            assert seen["in_flight"] == 1 and in_flight.count(["/echo"]) == 0
+            assert (await client.get("/echo")).status_code == 405
+            wrong = await client.post("/echo", content=b"x", headers={"Content-Type": "text/plain"})
+            assert wrong.status_code == 415
+            assert wrong.json()["detail"][0]["type"] == "unsupported_media_type"
+            no_boundary = await client.post(
+                "/files", content=b"x", headers={"Content-Type": MULTIPART}
+            )
+            assert no_boundary.status_code == 415
+            too_big = await client.post("/echo", content=b"x" * 1001, headers=json_type)
+            assert too_big.status_code == 413 and "1000 bytes" in too_big.json()["error"]
+            chunked = await client.post("/echo", content=chunks(20), headers=json_type)
+            assert chunked.status_code == 413
+            small = await client.post("/echo", content=chunks(5), headers=json_type)
+            assert small.json() == {"bytes": 500}
+
+    asyncio.run(main())
+
+
+def test_the_classifier_input_is_exactly_the_training_preprocessing():
+    from models.preprocessing import digit_tensor_from_image
+    from service.inference import DigitClassification
+
+    rng = np.random.default_rng(0)
+    for shape in [(28, 28), (40, 33), (300, 120)]:
+        image = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8))
+        expected = digit_tensor_from_image(image).numpy()
+        assert np.array_equal(DigitClassification.prepare(image), expected)
