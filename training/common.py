@@ -3,6 +3,7 @@ run provenance, and writing a trained model as a verified artifact."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import random
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from models.artifacts import staged_artifact, write_model_files
-from models.registry import ModelSpec
+from models.registry import REGISTRY, ModelSpec, artifacts_root
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -78,3 +79,19 @@ def save_trained_model(
         for filename, source in (extra_files or {}).items():
             (staging / filename).write_bytes(Path(source).read_bytes())
     return destination
+
+
+def add_model_selection_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    """``--model`` (repeatable) and ``--artifacts-dir``, shared by the per-artifact commands."""
+    parser.add_argument(
+        "--model",
+        action="append",
+        choices=sorted(REGISTRY),
+        help=f"{verb} only this model (repeatable); default: all",
+    )
+    parser.add_argument(
+        "--artifacts-dir",
+        type=Path,
+        default=None,
+        help=f"root of the artifact directories (default: {artifacts_root()})",
+    )

@@ -81,10 +81,10 @@ from models.registry import (
     REGISTRY,
     SENTIMENT_CLASSIFIER,
     ModelSpec,
-    artifacts_root,
     get_spec,
 )
 from models.sentiment import PAD_ID, UNK_ID
+from training.common import add_model_selection_arguments
 
 log = logging.getLogger(__name__)
 
@@ -430,18 +430,7 @@ def configure_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--model",
-        action="append",
-        choices=sorted(REGISTRY),
-        help="export only this model (repeatable); default: all",
-    )
-    parser.add_argument(
-        "--artifacts-dir",
-        type=Path,
-        default=None,
-        help=f"root of the artifact directories (default: {artifacts_root()})",
-    )
+    add_model_selection_arguments(parser, "export")
     args = parser.parse_args(argv)
     configure_logging()
     for name in args.model or list(REGISTRY):

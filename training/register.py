@@ -26,7 +26,8 @@ from typing import Any
 import bentoml
 
 from models.artifacts import METADATA_FILE, ONNX_FILE, ONNX_FILES, Artifact
-from models.registry import REGISTRY, ModelSpec, artifacts_root, get_spec, store_version
+from models.registry import REGISTRY, ModelSpec, get_spec, store_version
+from training.common import add_model_selection_arguments
 
 log = logging.getLogger(__name__)
 
@@ -146,18 +147,7 @@ def register_all(names: list[str] | None = None, root: Path | None = None) -> li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--model",
-        action="append",
-        choices=sorted(REGISTRY),
-        help="register only this model (repeatable); default: all",
-    )
-    parser.add_argument(
-        "--artifacts-dir",
-        type=Path,
-        default=None,
-        help=f"root of the artifact directories (default: {artifacts_root()})",
-    )
+    add_model_selection_arguments(parser, "register")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for tag in register_all(args.model, args.artifacts_dir):

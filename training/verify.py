@@ -68,12 +68,11 @@ from models.registry import (
     REGISTRY,
     SENTIMENT_CLASSIFIER,
     ModelSpec,
-    artifacts_root,
     get_spec,
 )
 from models.sentiment import PAD_ID
 from models.tokenizer import Vocabulary
-from training.common import default_data_dir
+from training.common import add_model_selection_arguments, default_data_dir
 from training.data import mnist_test_set, read_sst2
 from training.export import VARIANT_CANDIDATES, OnnxVariant, configure_logging
 
@@ -679,18 +678,7 @@ def verify_artifact(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--model",
-        action="append",
-        choices=sorted(REGISTRY),
-        help="verify only this model (repeatable); default: all",
-    )
-    parser.add_argument(
-        "--artifacts-dir",
-        type=Path,
-        default=None,
-        help=f"root of the artifact directories (default: {artifacts_root()})",
-    )
+    add_model_selection_arguments(parser, "verify")
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument(
         "--quick",
