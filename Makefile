@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PORT ?= 3000
 
-.PHONY: setup test serve register lint format pipeline bench clean
+.PHONY: setup test serve register lint format bench bench-gpu clean
 
 setup: $(INSTALLED)
 
@@ -36,6 +36,14 @@ lint: $(INSTALLED)
 format: $(INSTALLED)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# CPU comparisons (batching, backends, workers, threads); results in bench-results/cpu/.
+bench: $(INSTALLED)
+	$(BIN)/python -m bench.run --set cpu $(BENCH_ARGS)
+
+# GPU comparisons and the throughput/latency targets (needs CUDA).
+bench-gpu: $(INSTALLED)
+	$(BIN)/python -m bench.run --set gpu $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,285 @@
+"""The benchmark tooling against a tiny real HTTP server: payloads, the closed-loop
+load generator, the metrics reader, the reports, the comparison sets and the
+locustfile."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from bench import payloads, profiling
+from bench.config import Target, load_comparison_set
+from bench.loadgen import run_closed_loop, split_concurrency
+from bench.payloads import Request, Workload
+from bench.report import evaluate_targets, machine_info, write_report
+from bench.server import batch_stats
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = payloads.default_data_dir()
+needs_data = pytest.mark.skipif(
+    not (DATA_DIR / payloads.MNIST_TEST_IMAGES).exists(), reason="data sets not present"
+)
+
+SERVER_DELAY_S = 0.005
+LABELS = 'method_name="classify",service_name="S",worker_index="1"'
+METRICS = (
+    "# HELP bentoml_service_adaptive_batch_size Service adaptive batch size\n"
+    "# TYPE bentoml_service_adaptive_batch_size histogram\n"
+    f'bentoml_service_adaptive_batch_size_bucket{{{{le="1.0",{LABELS}}}}} 0.0\n'
+    f'bentoml_service_adaptive_batch_size_bucket{{{{le="+Inf",{LABELS}}}}} {{count}}\n'
+    f"bentoml_service_adaptive_batch_size_count{{{{{LABELS}}}}} {{count}}\n"
+    f"bentoml_service_adaptive_batch_size_sum{{{{{LABELS}}}}} {{total}}\n"
+)
+
+
+class TinyServer:
+    """An aiohttp app on an ephemeral port in a background thread.
+
+    ``/ok`` answers after a short delay; ``/flaky`` answers 503 to every third
+    request; ``/metrics`` serves a batch-size histogram.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.bodies: list[bytes] = []
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    async def ok(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.counts["ok"] += 1
+        if len(self.bodies) < 5:
+            self.bodies.append(body)
+        await asyncio.sleep(SERVER_DELAY_S)
+        return web.json_response({"label": "7"})
+
+    async def flaky(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.counts["flaky"] += 1
+        if self.counts["flaky"] % 3 == 0:
+            return web.Response(status=503, text="overloaded")
+        return web.json_response({"label": "7"})
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(text=METRICS.format(count=10.0, total=40.0))
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        app = web.Application()
+        app.add_routes(
+            [
+                web.post("/ok", self.ok),
+                web.post("/flaky", self.flaky),
+                web.get("/metrics", self.metrics),
+            ]
+        )
+        self.runner = web.AppRunner(app, access_log=None)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = self.runner.addresses[0][1]
+        self.ready.set()
+        self.loop.run_forever()
+
+    def __enter__(self) -> TinyServer:
+        self.thread.start()
+        assert self.ready.wait(10)
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with TinyServer() as running:
+        yield running
+
+
+def _workload(path: str) -> Workload:
+    body, content_type = payloads.multipart_body("image", [b"\x89PNG fake"])
+    return Workload(path.strip("/"), path, (Request("POST", path, body, content_type),))
+
+
+def test_split_concurrency_spreads_clients_evenly():
+    assert split_concurrency(256, 6) == [43, 43, 43, 43, 42, 42]
+    assert split_concurrency(1, 4) == [1]
+    assert sum(split_concurrency(64, 3)) == 64
+
+
+def test_closed_loop_counts_latency_and_statuses(server):
+    workload = _workload("/ok")
+    result = run_closed_loop(server.url, workload, 4, 1.0, warmup_s=0.3, processes=2)
+    assert result.client_processes == 2
+    assert result.errors == 0 and set(result.statuses) == {"200"}
+    assert result.ok == result.requests > 0
+    # Four closed-loop clients can never exceed 4 / delay requests per second.
+    assert result.requests_per_s <= 4 / SERVER_DELAY_S
+    assert result.latency_ms["p50"] >= SERVER_DELAY_S * 1000
+    assert result.latency_ms["p50"] <= result.latency_ms["p95"] <= result.latency_ms["p99"]
+    assert server.counts["ok"] >= result.ok  # warm-up requests reach the server too
+    assert result.client_cpu_s > 0
+    # The exact bytes prepared in advance are what the server receives.
+    assert workload.requests[0].body in server.bodies
+
+
+def test_closed_loop_reports_errors_by_status(server):
+    result = run_closed_loop(server.url, _workload("/flaky"), 3, 0.8, warmup_s=0.2, processes=1)
+    assert result.statuses["503"] == result.errors > 0
+    # Every third request fails, so about a third of those measured did.
+    assert 0.2 < result.errors / result.requests < 0.45
+
+
+def test_closed_loop_records_refused_connections():
+    with TinyServer() as stopped:
+        url = stopped.url
+    result = run_closed_loop(url, _workload("/ok"), 2, 0.3, warmup_s=0.0, processes=1)
+    assert result.ok == 0 and result.errors == result.requests > 0
+    assert all(key.startswith("error:") for key in result.statuses)
+
+
+def test_profile_summary_attributes_time_to_the_deepest_known_frame():
+    loop = "run (asyncio/events.py:80);RequestGate.__call__ (service/http.py:96)"
+    collapsed = "\n".join(
+        [
+            f"{loop};grid_png (service/imaging.py:90);save (PIL/Image.py:2400) 30",
+            f"{loop};_image_row (service/service.py:350);load (PIL/ImageFile.py:200) 50",
+            "_worker (concurrent/futures/thread.py:90) 15",
+            f"{loop} 5",
+            "garbage line",
+        ]
+    )
+    summary = profiling.summarise_collapsed(collapsed)
+    assert summary.samples == 100
+    assert dict(summary.categories) == {
+        "image decode and preprocessing": 50.0,
+        "response PNG encoding": 30.0,
+        profiling.WAITING_CATEGORY: 15.0,
+        "request gate (service/http.py)": 5.0,
+    }
+    assert dict(summary.inclusive)["service/http.py:RequestGate.__call__"] == 85.0
+    assert "| response PNG encoding | 30.0 |" in profiling.markdown(summary, "t")
+
+
+def test_batch_stats_mean_since_earlier_scrape():
+    before = batch_stats(METRICS.format(count=10.0, total=40.0))
+    after = batch_stats(METRICS.format(count=30.0, total=240.0))
+    key = "bentoml_service_adaptive_batch_size:classify"
+    assert after.mean_since(before) == {key: 10.0}
+    assert after.mean_since(after) == {}
+
+
+def test_report_files_and_targets(server, tmp_path):
+    point = run_closed_loop(server.url, _workload("/ok"), 2, 0.5, warmup_s=0.1, processes=1)
+    point.server = {"mean_batch_size": {"bentoml_service_adaptive_batch_size:ok": 2.5}}
+    report = {
+        "name": "tiny",
+        "description": "test",
+        "created": "now",
+        "command": "pytest",
+        "machine": machine_info(),
+        "settings": {"duration_s": 0.5, "warmup_s": 0.1, "client_processes": 1},
+        "configs": [{"name": "only", "env": {}, "points": [point.to_dict()], "error": None}],
+    }
+    report["targets"] = evaluate_targets(
+        report,
+        [
+            Target("only", "ok", 2, min_requests_per_s=1, max_p99_ms=10_000),
+            Target("only", "ok", 2, min_requests_per_s=1e9),
+            Target("only", "ok", 64),
+        ],
+    )
+    assert [t["met"] for t in report["targets"]] == [True, False, None]
+    write_report(report, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| only | 2 |" in markdown and "| 2.50 |" in markdown
+    assert json.loads((tmp_path / "report.json").read_text())["configs"][0]["points"][0]["ok"]
+    assert (tmp_path / "latency_vs_throughput.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_unknown_workload_names_are_rejected():
+    assert payloads.check_workload_name("classify-1024") == "classify-1024"
+    for bad in ("classify-0", "classify-x", "generate", "sentiments"):
+        with pytest.raises(ValueError, match="unknown workload"):
+            payloads.check_workload_name(bad)
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_comparison_sets_load(name):
+    comparison_set = load_comparison_set(name)
+    assert comparison_set.configs and comparison_set.workloads
+    assert {"classify", "sentiment"} <= {plan.name for plan in comparison_set.workloads}
+    for plan in comparison_set.workloads:
+        assert plan.concurrency and all(c > 0 for c in plan.concurrency)
+
+
+class _RecordingEnviron(dict):
+    """An environment that remembers every variable name it was asked for."""
+
+    def __init__(self, values):
+        super().__init__(values)
+        self.asked: set[str] = set()
+
+    def get(self, key, default=None):
+        self.asked.add(key)
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_comparison_sets_use_only_the_services_settings(name):
+    from service.settings import Settings
+
+    for config in load_comparison_set(name).configs:
+        environ = _RecordingEnviron(config.env)
+        Settings.from_env(environ)  # raises on a value the service cannot use
+        assert set(config.env) <= environ.asked, f"{config.name}: unknown variables"
+
+
+@needs_data
+def test_payloads_are_real_test_data():
+    built = payloads.build_workloads(
+        DATA_DIR, ["classify", "classify-8", "sentiment", "generate-mixed"], pool_size=16
+    )
+    digits = payloads.read_mnist_test_digits(DATA_DIR, 16)
+    body = built["classify"].requests[3].body
+    png = body[body.index(b"\x89PNG") : body.rindex(b"\r\n--")]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), digits[3])
+    assert built["classify-8"].requests[0].body.count(b"\x89PNG") == 8
+    assert built["classify-8"].mean_items == 8
+    sentences = payloads.read_sst2_test_sentences(DATA_DIR)
+    assert len(sentences) == 1821
+    assert json.loads(built["sentiment"].requests[0].body)["text"] == sentences[0]
+    sizes = {json.loads(r.body)["n"] for r in built["generate-mixed"].requests}
+    assert sizes <= set(range(1, 17)) and len(sizes) > 4
+
+
+def test_locustfile_parses_and_lists_its_users():
+    listed = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("locust")),
+            "-f",
+            str(REPO_ROOT / "bench" / "locustfile.py"),
+            "--list",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
+    for user in ("ClassifyUser", "ClassifyBatchUser", "SentimentUser", "GenerateUser", "MixedUser"):
+        assert user in listed
