@@ -49,7 +49,8 @@ def test_settings_defaults_and_overrides():
     assert settings.models["sentiment"].backend == "onnx"
     assert not settings.batching_enabled
     assert settings.limits.max_text_chars == 100
-    assert settings.threads_per_model(cpu_count=16) == 4
+    assert settings.threads_per_model(cpu_count=16) == 3  # a core per worker is left to HTTP
+    assert settings.threads_per_model(cpu_count=2) == 1
     batching = settings.resolve_batching("cpu")
     assert batching["classify"].max_batch_size == 16
     assert batching["generate"].max_latency_ms == 0
