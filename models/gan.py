@@ -39,7 +39,9 @@ class Generator(nn.Module):
         side = config.seed_side
         self.label_embedding = nn.Embedding(config.num_classes, config.label_embedding_dim)
         self.project = nn.Sequential(
-            nn.Linear(config.latent_dim + config.label_embedding_dim, wide * side * side, bias=False),
+            nn.Linear(
+                config.latent_dim + config.label_embedding_dim, wide * side * side, bias=False
+            ),
             nn.BatchNorm1d(wide * side * side),
             nn.ReLU(inplace=True),
             nn.Unflatten(1, (wide, side, side)),

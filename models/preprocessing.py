@@ -106,8 +106,8 @@ def _centre_by_mass(digit: np.ndarray) -> np.ndarray:
         return canvas
     centre_row = (digit.sum(axis=1) * np.arange(height)).sum() / mass
     centre_col = (digit.sum(axis=0) * np.arange(width)).sum() / mass
-    top = int(round(CANVAS_SIDE / 2 - 0.5 - centre_row))
-    left = int(round(CANVAS_SIDE / 2 - 0.5 - centre_col))
+    top = round(float(CANVAS_SIDE / 2 - 0.5 - centre_row))
+    left = round(float(CANVAS_SIDE / 2 - 0.5 - centre_col))
     # Clip the placement so the digit never leaves the frame.
     top = min(max(top, 0), CANVAS_SIDE - height)
     left = min(max(left, 0), CANVAS_SIDE - width)
