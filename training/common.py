@@ -4,6 +4,7 @@ run provenance, and writing a trained model as a verified artifact."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import random
@@ -95,3 +96,45 @@ def add_model_selection_arguments(parser: argparse.ArgumentParser, verb: str) ->
         default=None,
         help=f"root of the artifact directories (default: {artifacts_root()})",
     )
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    model_name: str,
+    data_help: str,
+    smoke_help: str,
+    seed: int,
+    epochs: int,
+    batch_size: int,
+) -> None:
+    """The flags every training script shares: data, output, device, seed, size, smoke."""
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir(),
+        help=f"{data_help} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help=f"artifact root; the model goes to <root>/{model_name} "
+        "(default: models.registry.artifacts_root())",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--smoke", action="store_true", help=f"{smoke_help}; marks the artifact smoke"
+    )
+
+
+def start_run(args: argparse.Namespace) -> torch.device:
+    """Logging, CPU threads and the device for a training script's ``main``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return pick_device(args.device)

@@ -41,11 +41,11 @@ from models.gan import Discriminator, DiscriminatorConfig, Generator, GeneratorC
 from models.registry import DIGIT_GENERATOR, MNIST_CLASSIFIER, artifacts_root, get_spec
 from training import gan_metrics, reports
 from training.common import (
-    default_data_dir,
-    pick_device,
+    add_run_arguments,
     run_provenance,
     save_trained_model,
     seed_everything,
+    start_run,
 )
 from training.data import MNIST_VALIDATION_SIZE, mnist_test_set, mnist_train_validation
 
@@ -75,18 +75,15 @@ class TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=default_data_dir(),
-        help="directory holding MNIST/raw (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=None,
-        help="artifact root; the generator goes to <root>/digit-gan "
-        "(default: models.registry.artifacts_root())",
+    add_run_arguments(
+        parser,
+        model_name=DIGIT_GENERATOR,
+        data_help="directory holding MNIST/raw",
+        smoke_help=f"{SMOKE_TRAIN_BATCHES} batches of one epoch, "
+        f"{SMOKE_SAMPLES_PER_DIGIT} samples per digit",
+        seed=defaults.seed,
+        epochs=defaults.epochs,
+        batch_size=defaults.batch_size,
     )
     parser.add_argument(
         "--classifier-dir",
@@ -95,18 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="artifact directory of the trained MNIST classifier used to score "
         "samples (default: the registry's mnist-cnn directory)",
     )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.learning_rate)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help=f"{SMOKE_TRAIN_BATCHES} batches of one epoch, "
-        f"{SMOKE_SAMPLES_PER_DIGIT} samples per digit; marks the artifact smoke",
-    )
     parser.add_argument(
         "--evaluate-only",
         action="store_true",
@@ -378,10 +364,8 @@ def evaluate_saved(
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = start_run(args)
     config = TrainConfig(
         epochs=1 if args.smoke else args.epochs,
         batch_size=args.batch_size,
@@ -389,7 +373,6 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         smoke=args.smoke,
     )
-    device = pick_device(args.device)
     seed_everything(config.seed)
     classifier_dir = args.classifier_dir or get_spec(MNIST_CLASSIFIER).artifact_dir()
 

@@ -44,11 +44,11 @@ from models.preprocessing import (
 from models.registry import MNIST_CLASSIFIER, artifacts_root, get_spec
 from training import reports
 from training.common import (
-    default_data_dir,
-    pick_device,
+    add_run_arguments,
     run_provenance,
     save_trained_model,
     seed_everything,
+    start_run,
 )
 from training.data import (
     MNIST_VALIDATION_SIZE,
@@ -94,23 +94,16 @@ class ServicePreprocessing:
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=default_data_dir(),
-        help="directory holding MNIST/raw (default: %(default)s)",
+    add_run_arguments(
+        parser,
+        model_name=MNIST_CLASSIFIER,
+        data_help="directory holding MNIST/raw",
+        smoke_help=f"{SMOKE_TRAIN_BATCHES} batches of one epoch and "
+        f"{SMOKE_EVAL_IMAGES} evaluation images",
+        seed=defaults.seed,
+        epochs=defaults.epochs,
+        batch_size=defaults.batch_size,
     )
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=None,
-        help="artifact root; the model goes to <root>/mnist-cnn "
-        "(default: models.registry.artifacts_root())",
-    )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument(
         "--lr",
         type=float,
@@ -123,13 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.service_fraction,
         help="fraction of training images first passed through the service's "
         "image preprocessing (default: %(default)s)",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help=f"{SMOKE_TRAIN_BATCHES} batches of one epoch and "
-        f"{SMOKE_EVAL_IMAGES} evaluation images; marks the artifact smoke",
     )
     return parser
 
@@ -253,10 +239,8 @@ def train(config: TrainConfig, args: argparse.Namespace, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = start_run(args)
     config = TrainConfig(
         epochs=1 if args.smoke else args.epochs,
         batch_size=args.batch_size,
@@ -265,7 +249,6 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         smoke=args.smoke,
     )
-    device = pick_device(args.device)
     seed_everything(config.seed)
     log.info("training %s on %s with %s", MNIST_CLASSIFIER, device, config)
     started = time.perf_counter()

@@ -36,15 +36,15 @@ from torch import nn
 from tqdm import tqdm
 
 from models.preprocessing import encode_texts
-from models.registry import SENTIMENT_CLASSIFIER, artifacts_root, get_spec
+from models.registry import SENTIMENT_CLASSIFIER, get_spec
 from models.sentiment import UNK_ID, SentimentClassifier, SentimentClassifierConfig
 from models.tokenizer import Vocabulary
 from training.common import (
-    default_data_dir,
-    pick_device,
+    add_run_arguments,
     run_provenance,
     save_trained_model,
     seed_everything,
+    start_run,
 )
 from training.data import LabelledText, read_sst2
 from training.reports import plot_curves
@@ -264,33 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=default_data_dir(),
-        help="folder holding SST-2/{train,dev,test}.tsv",
+    add_run_arguments(
+        parser,
+        model_name=SENTIMENT_CLASSIFIER,
+        data_help="folder holding SST-2/{train,dev,test}.tsv",
+        smoke_help=f"a quick end-to-end run on {SMOKE_TRAIN_SIZE} training phrases",
+        seed=0,
+        epochs=defaults.epochs,
+        batch_size=defaults.batch_size,
     )
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=artifacts_root(),
-        help="artifact root; the model goes to <root>/" + SENTIMENT_CLASSIFIER,
-    )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--seed", type=int, default=0, help="the seed (when --seeds is not given)")
     parser.add_argument(
         "--seeds", type=int, nargs="+", help="train one model per seed and keep the best on dev"
     )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
-    )
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help=f"a quick end-to-end run on {SMOKE_TRAIN_SIZE} training phrases",
-    )
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
@@ -311,11 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     started = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = start_run(args)
     seeds = args.seeds or [args.seed]
 
     splits = {name: read_sst2(args.data_dir, name) for name in ("train", "dev", "test")}
