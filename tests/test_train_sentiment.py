@@ -101,6 +101,55 @@ def test_weight_average_follows_the_weights_slowly() -> None:
     assert (moved > 0).all() and (moved < 1.0).all()
 
 
+def test_distillation_loss_vanishes_only_when_the_student_matches_the_teachers() -> None:
+    teacher_logits = torch.tensor([[2.0, -1.0], [0.5, 0.5], [-3.0, 1.0]])
+    temperature = 2.0
+    targets = (teacher_logits / temperature).softmax(dim=1)
+    matched = sentiment.distillation_loss(teacher_logits, targets, temperature)
+    assert matched.item() == pytest.approx(0.0, abs=1e-6)
+    student_logits = torch.zeros_like(teacher_logits, requires_grad=True)
+    loss = sentiment.distillation_loss(student_logits, targets, temperature)
+    assert loss.item() > 0.01
+    loss.backward()
+    # A gradient step moves each student logit towards the teacher's preferred class.
+    step = -student_logits.grad
+    assert step[0, 0] > 0 and step[2, 1] > 0 and step[1].abs().max() < 1e-6
+
+
+def toy_teacher(split_ids: list[list[int]], vocab_size: int) -> sentiment.Teacher:
+    torch.manual_seed(0)
+    module = SentimentClassifier(
+        SentimentClassifierConfig(vocab_size=vocab_size, embedding_dim=4, hidden_size=3)
+    ).eval()
+    labels = [0] * len(split_ids)
+    return sentiment.Teacher(
+        directory=Path("unused"),
+        module=module,
+        splits={"train": sentiment.EncodedSplit(split_ids, labels)},
+        metadata={},
+    )
+
+
+def test_teachers_see_the_students_dropped_words_through_their_own_vocabulary() -> None:
+    student_split = toy_split()
+    # The teacher's vocabulary numbers the same words differently (ids shifted by 3).
+    teacher = toy_teacher([[i + 3 for i in ids] for ids in student_split.ids], vocab_size=20)
+    indices = [3, 6, 9]
+    token_ids, lengths, _ = sentiment.pad_batch(student_split, indices)
+    dropped = sentiment.word_dropout_mask(token_ids, lengths, 0.5, torch.Generator().manual_seed(1))
+    assert dropped.any()
+    targets = sentiment.teacher_targets(
+        [teacher, teacher], indices, dropped, 2.0, torch.device("cpu")
+    )
+    teacher_ids, teacher_lengths, _ = sentiment.pad_batch(teacher.splits["train"], indices)
+    expected = teacher.module(teacher_ids.masked_fill(dropped, UNK_ID), teacher_lengths) / 2.0
+    torch.testing.assert_close(targets, expected.softmax(dim=1))
+    clean = sentiment.teacher_targets(
+        [teacher], indices, torch.zeros_like(dropped), 2.0, torch.device("cpu")
+    )
+    assert not torch.allclose(clean, targets)
+
+
 SMOKE_ARGS = ["--smoke", "--device", "cpu", "--threads", "1", "--seed", "3"]
 
 
@@ -145,6 +194,44 @@ def test_smoke_run_writes_a_complete_loadable_artifact(smoke_run: tuple[list[str
     model = SPEC.load_module(artifact)
     token_ids, lengths = encode_texts([vocabulary.encode(tokenize("A fine, moving film."))])
     assert model(token_ids, lengths).shape == (1, 2)
+
+
+def test_smoke_run_distils_from_teachers_with_another_vocabulary_and_size(
+    smoke_run: tuple[list[str], Path], tmp_path: Path
+) -> None:
+    _, teacher_dir = smoke_run
+    argv = [
+        *SMOKE_ARGS,
+        "--data-dir",
+        str(needs_sst2()),
+        "--output-dir",
+        str(tmp_path),
+        "--min-count",
+        "2",  # the teacher (a smoke run) kept every token: the vocabularies differ
+        "--embedding-dim",
+        "16",
+        "--hidden-size",
+        "24",
+        "--teachers",
+        str(teacher_dir),
+        str(teacher_dir),
+        "--distillation-weight",
+        "0.7",
+    ]
+    assert sentiment.main(argv) == 0
+    artifact = SPEC.load_artifact(SPEC.artifact_dir(tmp_path))
+    assert artifact.config["embedding_dim"] == 16 and artifact.config["hidden_size"] == 24
+    assert artifact.config["vocab_size"] < SPEC.load_artifact(teacher_dir).config["vocab_size"]
+    distillation = artifact.metadata["distillation"]
+    assert [t["directory"] for t in distillation["teachers"]] == [str(teacher_dir)] * 2
+    teacher_metadata = SPEC.load_artifact(teacher_dir).metadata
+    assert distillation["teachers"][0]["command"] == teacher_metadata["training"]["command"]
+    # Two copies of one teacher score exactly as that teacher does alone.
+    ensemble = distillation["ensemble"]
+    assert ensemble["dev_accuracy"] == teacher_metadata["metrics"]["dev_accuracy"]
+    assert ensemble["test_accuracy"] == teacher_metadata["metrics"]["test_accuracy"]
+    assert distillation["distillation_weight"] == 0.7
+    assert artifact.metadata["training"]["hyperparameters"]["distillation_weight"] == 0.7
 
 
 def test_vocabulary_comes_from_the_training_split_only(

@@ -3,6 +3,8 @@
     python -m training.sentiment                 # full run → models/artifacts/sst2-bilstm
     python -m training.sentiment --seeds 0 1     # train two seeds, keep the better one on dev
     python -m training.sentiment --smoke --output-dir /tmp/artifacts   # seconds, data subset
+    python -m training.sentiment --teachers runs/a/sst2-bilstm runs/b/sst2-bilstm
+                                                 # distil an ensemble of trained models
 
 The vocabulary is built from the SST-2 training split only and saved with the
 weights. The model trains on all 67,349 labelled training phrases; the epoch
@@ -15,6 +17,12 @@ teaches the model what an unknown word at serving time looks like), output
 dropout, weight decay, label smoothing, gradient clipping, a warm-up + cosine
 learning-rate schedule and an exponential moving average (EMA) of the weights,
 which is what gets evaluated and saved.
+
+With ``--teachers``, the model is also taught by an ensemble of already trained
+sentiment artifacts (knowledge distillation): besides the phrase label it
+matches the ensemble's averaged, temperature-softened prediction for the very
+same word-dropped input. The teachers may be larger than the released size
+budget allows; only the student, at the size given here, is saved.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from models.artifacts import VOCAB_FILE, config_to_dict
 from models.preprocessing import encode_texts
 from models.registry import SENTIMENT_CLASSIFIER, get_spec
 from models.sentiment import UNK_ID, SentimentClassifier, SentimentClassifierConfig
@@ -70,6 +79,10 @@ class TrainingConfig:
     gradient_clip: float = 1.0
     ema_decay: float = 0.999
     min_count: int = 3
+    # Distillation (used only with teachers): the share of the loss given to
+    # matching the teachers, and the softmax temperature both sides use.
+    distillation_weight: float = 0.5
+    temperature: float = 2.0
 
 
 @dataclass
@@ -103,6 +116,27 @@ def length_bucketed_batches(
     return batches
 
 
+def pad_batch(
+    split: EncodedSplit, indices: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded ids, lengths and labels of some examples."""
+    token_ids, lengths = encode_texts([split.ids[i] for i in indices])
+    labels = torch.tensor([split.labels[i] for i in indices], dtype=torch.int64)
+    return token_ids, lengths, labels
+
+
+def word_dropout_mask(
+    token_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    rate: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Real (non-padding) positions to replace by ``<unk>``, each with probability ``rate``."""
+    steps = torch.arange(token_ids.shape[1]).unsqueeze(0)
+    real = steps < lengths.unsqueeze(1)
+    return real & (torch.rand(token_ids.shape, generator=generator) < rate)
+
+
 def make_batch(
     split: EncodedSplit,
     indices: Sequence[int],
@@ -110,29 +144,131 @@ def make_batch(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Padded ids, lengths and labels; with ``word_dropout`` some real tokens become ``<unk>``."""
-    token_ids, lengths = encode_texts([split.ids[i] for i in indices])
+    token_ids, lengths, labels = pad_batch(split, indices)
     if word_dropout > 0:
-        steps = torch.arange(token_ids.shape[1]).unsqueeze(0)
-        real = steps < lengths.unsqueeze(1)
-        dropped = torch.rand(token_ids.shape, generator=generator) < word_dropout
-        token_ids = token_ids.masked_fill(real & dropped, UNK_ID)
-    labels = torch.tensor([split.labels[i] for i in indices], dtype=torch.int64)
+        token_ids = token_ids.masked_fill(
+            word_dropout_mask(token_ids, lengths, word_dropout, generator), UNK_ID
+        )
     return token_ids, lengths, labels
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: EncodedSplit, device: torch.device) -> dict[str, float]:
-    """Accuracy and mean cross-entropy over a whole split (model in eval mode)."""
+def predict_probabilities(
+    model: nn.Module, split: EncodedSplit, device: torch.device
+) -> torch.Tensor:
+    """Class probabilities for every example of a split, in the split's order (eval mode)."""
     model.eval()
     order = sorted(range(len(split)), key=lambda i: len(split.ids[i]))
-    correct, loss_sum = 0, 0.0
+    probabilities = torch.empty(len(split), SentimentClassifierConfig.num_classes)
     for start in range(0, len(order), EVAL_BATCH_SIZE):
-        token_ids, lengths, labels = make_batch(split, order[start : start + EVAL_BATCH_SIZE])
+        indices = order[start : start + EVAL_BATCH_SIZE]
+        token_ids, lengths, _ = pad_batch(split, indices)
         logits = model(token_ids.to(device), lengths.to(device))
-        labels = labels.to(device)
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(dim=1) == labels).sum().item()
-    return {"accuracy": correct / len(split), "loss": loss_sum / len(split)}
+        probabilities[indices] = logits.softmax(dim=1).cpu()
+    return probabilities
+
+
+def score(probabilities: torch.Tensor, split: EncodedSplit) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of predicted probabilities against a split's labels."""
+    labels = torch.tensor(split.labels)
+    picked = probabilities.gather(1, labels.unsqueeze(1)).squeeze(1)
+    return {
+        "accuracy": int((probabilities.argmax(dim=1) == labels).sum()) / len(split),
+        "loss": float(-picked.clamp_min(1e-12).log().double().mean()),
+    }
+
+
+def evaluate(model: nn.Module, split: EncodedSplit, device: torch.device) -> dict[str, float]:
+    """Accuracy and mean cross-entropy over a whole split."""
+    return score(predict_probabilities(model, split, device), split)
+
+
+@dataclass
+class Teacher:
+    """A trained sentiment artifact whose predictions a student learns to match.
+
+    A teacher keeps its own vocabulary, so every split is also encoded in it;
+    the student and its teachers see the same examples with the same words
+    dropped, each through its own ids.
+    """
+
+    directory: Path
+    module: nn.Module
+    splits: dict[str, EncodedSplit]
+    metadata: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "directory": str(self.directory),
+            "config": config_to_dict(self.module.config),
+            "dev_accuracy": self.metadata["metrics"]["dev_accuracy"],
+            "test_accuracy": self.metadata["metrics"]["test_accuracy"],
+            "command": self.metadata["training"]["command"],
+        }
+
+
+def load_teachers(
+    directories: Sequence[Path],
+    splits: dict[str, Sequence[LabelledText]],
+    device: torch.device,
+) -> list[Teacher]:
+    spec = get_spec(SENTIMENT_CLASSIFIER)
+    teachers = []
+    for directory in directories:
+        artifact = spec.load_artifact(Path(directory))
+        if artifact.metadata.get("smoke"):
+            log.warning("teacher %s is a smoke-mode artifact", directory)
+        vocabulary = Vocabulary.load(artifact.path(VOCAB_FILE))
+        teachers.append(
+            Teacher(
+                directory=Path(directory),
+                module=spec.load_module(artifact, device),
+                splits={name: encode_split(vocabulary, rows) for name, rows in splits.items()},
+                metadata=artifact.metadata,
+            )
+        )
+    return teachers
+
+
+def ensemble_scores(
+    teachers: Sequence[Teacher], split_name: str, device: torch.device
+) -> dict[str, float]:
+    """How the teachers do together, their probabilities averaged."""
+    probabilities = torch.stack(
+        [predict_probabilities(t.module, t.splits[split_name], device) for t in teachers]
+    ).mean(dim=0)
+    return score(probabilities, teachers[0].splits[split_name])
+
+
+@torch.no_grad()
+def teacher_targets(
+    teachers: Sequence[Teacher],
+    indices: Sequence[int],
+    dropped: torch.Tensor,
+    temperature: float,
+    device: torch.device,
+) -> torch.Tensor:
+    """The teachers' averaged softened prediction for a batch, with the student's words dropped."""
+    total = None
+    for teacher in teachers:
+        token_ids, lengths, _ = pad_batch(teacher.splits["train"], indices)
+        token_ids = token_ids.masked_fill(dropped, UNK_ID)
+        logits = teacher.module(token_ids.to(device), lengths.to(device))
+        probabilities = (logits / temperature).softmax(dim=1)
+        total = probabilities if total is None else total + probabilities
+    assert total is not None
+    return total / len(teachers)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_probabilities: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """KL(teacher ‖ student) at a temperature, scaled by T² so its gradients keep their size."""
+    log_probabilities = nn.functional.log_softmax(student_logits / temperature, dim=1)
+    divergence = nn.functional.kl_div(
+        log_probabilities, teacher_probabilities, reduction="batchmean"
+    )
+    return divergence * temperature**2
 
 
 class WeightAverage:
@@ -173,8 +309,13 @@ def train_one_seed(
     train: EncodedSplit,
     dev: EncodedSplit,
     device: torch.device,
+    teachers: Sequence[Teacher] = (),
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, list[float]]]:
-    """Train one model; return the best-on-dev EMA weights, their dev scores and the history."""
+    """Train one model; return the best-on-dev EMA weights, their dev scores and the history.
+
+    With ``teachers``, the loss mixes the label's cross-entropy with the
+    distillation loss, weighted by ``config.distillation_weight``.
+    """
     seed_everything(seed)
     model = SentimentClassifier(model_config).to(device)
     average = WeightAverage(model, config.ema_decay)
@@ -213,12 +354,18 @@ def train_one_seed(
             batches, desc=f"seed {seed} epoch {epoch}/{config.epochs}", leave=False, mininterval=2.0
         )
         for indices in progress:
-            token_ids, lengths, labels = make_batch(
-                train, indices, config.word_dropout, dropout_generator
-            )
+            token_ids, lengths, labels = pad_batch(train, indices)
+            dropped = word_dropout_mask(token_ids, lengths, config.word_dropout, dropout_generator)
+            token_ids = token_ids.masked_fill(dropped, UNK_ID)
             token_ids, lengths, labels = token_ids.to(device), lengths.to(device), labels.to(device)
             logits = model(token_ids, lengths)
             loss = loss_function(logits, labels)
+            if teachers:
+                targets = teacher_targets(teachers, indices, dropped, config.temperature, device)
+                weight = config.distillation_weight
+                loss = (1 - weight) * loss + weight * distillation_loss(
+                    logits, targets, config.temperature
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
@@ -284,8 +431,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--min-count",
         type=int,
-        default=defaults.min_count,
-        help="keep training tokens seen at least this often",
+        default=None,
+        help=f"keep training tokens seen at least this often (default: {defaults.min_count}; "
+        "1 with --smoke)",
+    )
+    parser.add_argument(
+        "--teachers",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="trained sentiment artifact directories to distil from (their ensemble)",
+    )
+    parser.add_argument(
+        "--distillation-weight",
+        type=float,
+        default=defaults.distillation_weight,
+        help="share of the loss spent matching the teachers (with --teachers)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=defaults.temperature,
+        help="softmax temperature of the distillation loss (with --teachers)",
     )
     parser.add_argument("--embedding-dim", type=int, default=model_defaults.embedding_dim)
     parser.add_argument("--hidden-size", type=int, default=model_defaults.hidden_size)
@@ -317,7 +484,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         label_smoothing=args.label_smoothing,
         word_dropout=args.word_dropout,
         ema_decay=min(args.ema_decay, 0.9) if args.smoke else args.ema_decay,
-        min_count=1 if args.smoke else args.min_count,
+        min_count=args.min_count or (1 if args.smoke else TrainingConfig.min_count),
+        distillation_weight=args.distillation_weight,
+        temperature=args.temperature,
     )
     vocabulary = Vocabulary.build((row.tokens for row in splits["train"]), config.min_count)
     model_config = SentimentClassifierConfig(
@@ -337,8 +506,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.get_num_threads(),
     )
 
+    teachers = load_teachers(args.teachers, splits, device)
+    distillation: dict[str, Any] | None = None
+    if teachers:
+        distillation = {
+            "teachers": [teacher.summary() for teacher in teachers],
+            "ensemble": {
+                f"{name}_accuracy": ensemble_scores(teachers, name, device)["accuracy"]
+                for name in ("dev", "test")
+            },
+            "distillation_weight": config.distillation_weight,
+            "temperature": config.temperature,
+        }
+        log.info(
+            "distilling from %d teachers; their ensemble scores %.4f on dev",
+            len(teachers),
+            distillation["ensemble"]["dev_accuracy"],
+        )
+
     results = [
-        train_one_seed(seed, model_config, config, encoded["train"], encoded["dev"], device)
+        train_one_seed(
+            seed, model_config, config, encoded["train"], encoded["dev"], device, teachers
+        )
         for seed in seeds
     ]
     # Seed selection, like epoch selection, looks at dev only.
@@ -384,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "selection_split": "dev",
             "vocabulary": "train split only",
         },
+        "distillation": distillation,
         "vocab_size": len(vocabulary),
         "vocab_min_count": config.min_count,
         "tokenizer": "models.tokenizer.tokenize (lower-cased, PTB-style)",
