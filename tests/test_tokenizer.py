@@ -10,6 +10,7 @@ import pytest
 from models.sentiment import PAD_ID, UNK_ID
 from models.tokenizer import PAD_TOKEN, UNK_TOKEN, Vocabulary, tokenize
 from training.common import default_data_dir
+from training.data import read_sst2
 
 
 @pytest.mark.parametrize(
@@ -142,3 +143,61 @@ def test_vocabulary_build_is_reproducible_for_ties() -> None:
     second = Vocabulary.build([["c", "a", "b"]])
     assert first == second
     assert first.tokens[2:] == ("a", "b", "c")
+
+
+KNOWN_WORDS = Vocabulary(
+    (PAD_TOKEN, UNK_TOKEN, "warm", "step", "ability", "increase", "teary", "eyed", "gentle")
+)
+
+
+@pytest.mark.parametrize(
+    ("word", "known_form"),
+    [
+        ("warmly", "warm"),  # -ly
+        ("stepping", "step"),  # doubled consonant before -ing
+        ("abilities", "ability"),  # -ies → -y
+        ("increasing", "increase"),  # -ing with the silent e restored
+        ("increases", "increase"),
+        ("gently", "gentle"),  # -ly after -le
+        ("warmness", "warm"),
+    ],
+)
+def test_an_unknown_word_falls_back_to_a_known_stem(word: str, known_form: str) -> None:
+    assert KNOWN_WORDS.encode([word]) == KNOWN_WORDS.encode([known_form])
+
+
+def test_an_unknown_compound_falls_back_to_its_known_parts() -> None:
+    teary, eyed, step = KNOWN_WORDS.encode(["teary", "eyed", "step"])
+    assert KNOWN_WORDS.encode(["teary-eyed"]) == [teary, eyed]
+    assert KNOWN_WORDS.encode(["warmly-stepping-zzz"]) == [
+        *KNOWN_WORDS.encode(["warm"]),
+        step,
+        UNK_ID,
+    ]
+
+
+@pytest.mark.parametrize("word", ["zzz", "ly", "sly", "ing", "-", "--", "---x", "s", ""])
+def test_a_word_with_no_known_form_is_one_unknown_token(word: str) -> None:
+    assert KNOWN_WORDS.encode([word]) == [UNK_ID]
+
+
+def test_short_words_are_not_stripped_to_a_stub() -> None:
+    # "sing" must not become "s"; "wed" must not become "w" (stems keep three letters).
+    vocabulary = Vocabulary((PAD_TOKEN, UNK_TOKEN, "s", "w"))
+    assert vocabulary.encode(["sing", "wed"]) == [UNK_ID, UNK_ID]
+
+
+def test_known_words_are_never_rewritten() -> None:
+    vocabulary = Vocabulary((PAD_TOKEN, UNK_TOKEN, "warmly", "warm", "well-made"))
+    assert vocabulary.encode(["warmly", "warm", "well-made"]) == [2, 3, 4]
+
+
+def test_fallback_recovers_many_unknown_sst2_dev_tokens() -> None:
+    data_dir = default_data_dir()
+    if not (data_dir / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"SST-2 not found under {data_dir}")
+    vocabulary = Vocabulary.build((row.tokens for row in read_sst2(data_dir, "train")), 3)
+    dev_tokens = [token for row in read_sst2(data_dir, "dev") for token in row.tokens]
+    unknown_alone = sum(token not in vocabulary.tokens for token in set(dev_tokens))
+    unknown_after = sum(vocabulary.encode([token]) == [UNK_ID] for token in set(dev_tokens))
+    assert unknown_after < 0.8 * unknown_alone

@@ -576,7 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "distillation": distillation,
         "vocab_size": len(vocabulary),
         "vocab_min_count": config.min_count,
-        "tokenizer": "models.tokenizer.tokenize (lower-cased, PTB-style)",
+        "tokenizer": "models.tokenizer.tokenize (lower-cased, PTB-style); "
+        "Vocabulary.encode with the stem / compound-part fallback for unknown words",
     }
     with tempfile.TemporaryDirectory() as scratch:
         vocab_path = Path(scratch) / "vocab.json"
