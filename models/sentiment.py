@@ -25,9 +25,9 @@ UNK_ID = 1
 @dataclass(frozen=True)
 class SentimentClassifierConfig:
     vocab_size: int
-    # Sized for a ~6 MB weights file with a ~13.5k-token vocabulary.
-    embedding_dim: int = 80
-    hidden_size: int = 176
+    # Sized for a ~7 MB weights file with a ~10k-token vocabulary.
+    embedding_dim: int = 128
+    hidden_size: int = 192
     num_classes: int = 2
     embedding_dropout: float = 0.3
     output_dropout: float = 0.5

@@ -23,7 +23,7 @@ from models.artifacts import (
     staged_artifact,
     update_metadata,
 )
-from models.registry import MNIST_CLASSIFIER, get_spec
+from models.registry import MNIST_CLASSIFIER, REGISTRY, get_spec
 from training import export
 from training.common import save_trained_model
 from training.register import register_artifact
@@ -121,3 +121,10 @@ def test_reexport_drops_measurements_of_the_previous_graph(artifact_dir):
     metadata = load_artifact(artifact_dir).metadata
     assert "parity" not in metadata and "variants" not in metadata
     assert metadata["onnx"]["verified"] is False
+
+
+def test_released_artifacts_fit_the_30_mb_budget():
+    root = Path(__file__).resolve().parent.parent / "models" / "artifacts"
+    files = [path for path in root.rglob("*") if path.is_file()]
+    assert {path.parent.name for path in files} == set(REGISTRY)
+    assert sum(path.stat().st_size for path in files) <= 30_000_000

@@ -265,11 +265,15 @@ def classify(model: SentimentClassifier, vocabulary: Vocabulary, texts: list[str
 def test_released_artifact_is_a_full_run_within_the_size_budget() -> None:
     _, vocabulary, metadata = released_model()
     assert metadata["smoke"] is False
-    assert metadata["metrics"]["test_accuracy"] >= 0.80
+    assert metadata["metrics"]["test_accuracy"] >= 0.85  # the quality bar
     assert metadata["dataset"]["sizes"] == {"train": 67_349, "dev": 872, "test": 1_821}
     assert metadata["training"]["command"].startswith("python -m training.sentiment")
     assert len(vocabulary) == metadata["vocab_size"]
-    assert (RELEASED / "weights.pt").stat().st_size <= 6.5 * 2**20
+    assert (RELEASED / "weights.pt").stat().st_size <= 7.5 * 2**20
+    # Distilled from an ensemble of larger models, each recorded with its command.
+    teachers = metadata["distillation"]["teachers"]
+    assert len(teachers) >= 2
+    assert all(t["command"].startswith("python -m training.sentiment") for t in teachers)
 
 
 def test_released_artifact_reproduces_its_test_accuracy_on_a_sample() -> None:

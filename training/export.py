@@ -351,10 +351,13 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 INT8 = OnnxVariant("int8", ONNX_INT8_FILE, "cpu", "dynamic INT8 quantization", quantize_int8)
 FP16 = OnnxVariant("fp16", ONNX_FP16_FILE, "gpu", "float16 weights and arithmetic", convert_fp16)
 # The generator gets no INT8 candidate: its bulk is transposed convolutions, which
-# dynamic quantization does not cover.
+# dynamic quantization does not cover. The sentiment model gets no fp16 candidate:
+# the 30 MB release budget buys it a larger embedding instead (85.8 against 84.3 %
+# dev accuracy, same seed and teachers), and on a GPU the service runs it in
+# PyTorch fp16 (cuDNN's LSTM) anyway.
 VARIANT_CANDIDATES: dict[str, tuple[OnnxVariant, ...]] = {
     MNIST_CLASSIFIER: (INT8, FP16),
-    SENTIMENT_CLASSIFIER: (INT8, FP16),
+    SENTIMENT_CLASSIFIER: (INT8,),
     DIGIT_GENERATOR: (FP16,),
 }
 

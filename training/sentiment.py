@@ -78,7 +78,7 @@ class TrainingConfig:
     word_dropout: float = 0.25
     gradient_clip: float = 1.0
     ema_decay: float = 0.999
-    min_count: int = 3
+    min_count: int = 6
     # Distillation (used only with teachers): the share of the loss given to
     # matching the teachers, and the softmax temperature both sides use.
     distillation_weight: float = 0.5
@@ -201,6 +201,7 @@ class Teacher:
         return {
             "directory": str(self.directory),
             "config": config_to_dict(self.module.config),
+            "vocab_min_count": self.metadata.get("vocab_min_count"),
             "dev_accuracy": self.metadata["metrics"]["dev_accuracy"],
             "test_accuracy": self.metadata["metrics"]["test_accuracy"],
             "command": self.metadata["training"]["command"],
