@@ -59,12 +59,12 @@ def test_batch_order_changes_between_epochs_but_is_seeded() -> None:
 def test_word_dropout_replaces_only_real_tokens_with_unknown() -> None:
     split = toy_split()
     indices = list(range(len(split)))
-    token_ids, lengths, labels = sentiment.make_batch(
-        split, indices, word_dropout=0.5, generator=torch.Generator().manual_seed(0)
-    )
-    clean_ids, clean_lengths, _ = sentiment.make_batch(split, indices)
-    assert torch.equal(lengths, clean_lengths)
+    clean_ids, lengths, labels = sentiment.pad_batch(split, indices)
     assert labels.tolist() == split.labels
+    dropped = sentiment.word_dropout_mask(
+        clean_ids, lengths, 0.5, generator=torch.Generator().manual_seed(0)
+    )
+    token_ids = clean_ids.masked_fill(dropped, UNK_ID)
     real = torch.arange(token_ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
     assert (token_ids[~real] == PAD_ID).all()
     changed = token_ids != clean_ids

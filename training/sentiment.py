@@ -137,21 +137,6 @@ def word_dropout_mask(
     return real & (torch.rand(token_ids.shape, generator=generator) < rate)
 
 
-def make_batch(
-    split: EncodedSplit,
-    indices: Sequence[int],
-    word_dropout: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Padded ids, lengths and labels; with ``word_dropout`` some real tokens become ``<unk>``."""
-    token_ids, lengths, labels = pad_batch(split, indices)
-    if word_dropout > 0:
-        token_ids = token_ids.masked_fill(
-            word_dropout_mask(token_ids, lengths, word_dropout, generator), UNK_ID
-        )
-    return token_ids, lengths, labels
-
-
 @torch.no_grad()
 def predict_probabilities(
     model: nn.Module, split: EncodedSplit, device: torch.device
