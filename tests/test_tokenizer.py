@@ -197,7 +197,7 @@ def test_fallback_recovers_many_unknown_sst2_dev_tokens() -> None:
     if not (data_dir / "SST-2" / "train.tsv").is_file():
         pytest.skip(f"SST-2 not found under {data_dir}")
     vocabulary = Vocabulary.build((row.tokens for row in read_sst2(data_dir, "train")), 3)
-    dev_tokens = [token for row in read_sst2(data_dir, "dev") for token in row.tokens]
-    unknown_alone = sum(token not in vocabulary.tokens for token in set(dev_tokens))
-    unknown_after = sum(vocabulary.encode([token]) == [UNK_ID] for token in set(dev_tokens))
+    dev_tokens = {token for row in read_sst2(data_dir, "dev") for token in row.tokens}
+    unknown_alone = len(dev_tokens - set(vocabulary.tokens))
+    unknown_after = sum(vocabulary.encode([token]) == [UNK_ID] for token in dev_tokens)
     assert unknown_after < 0.8 * unknown_alone
