@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PORT ?= 3000
 
-.PHONY: setup test serve register lint format bench bench-gpu clean
+.PHONY: setup test serve register lint format bench bench-gpu bench-peers clean
 
 setup: $(INSTALLED)
 
@@ -40,6 +40,11 @@ format: $(INSTALLED)
 # CPU comparisons (batching, backends, workers, threads); results in bench-results/cpu/.
 bench: $(INSTALLED)
 	$(BIN)/python -m bench.run --set cpu $(BENCH_ARGS)
+
+# The service against its peers (LitServe, BentoML's batchable API, bare Starlette) and
+# against itself before the lean request path, with the targets; bench-results/peers/.
+bench-peers: $(INSTALLED)
+	$(BIN)/python -m bench.run --set peers $(BENCH_ARGS)
 
 # GPU comparisons and the throughput/latency targets (needs CUDA).
 bench-gpu: $(INSTALLED)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.payloads import check_workload_name
+from bench.server import SERVER_KINDS
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -26,6 +27,10 @@ class ServiceConfig:
     description: str = ""
     # Workloads this configuration skips (e.g. a GPU-only comparison of one endpoint).
     skip: tuple[str, ...] = ()
+    # What serves: the project's service, or a peer (bench/peers/, bench/ceiling.py).
+    server: str = "service"
+    # Serve the project as it was at this git revision (a before/after comparison).
+    revision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,15 @@ class Target:
     concurrency: int
     min_requests_per_s: float | None = None
     max_p99_ms: float | None = None
+    max_p50_ms: float | None = None
     max_errors: int | None = 0
+    # Server CPU per request minus model time (needs the service's serving_model_seconds).
+    max_outside_model_ms: float | None = None
+    # Against another configuration's same point: at least this throughput ratio,
+    # and (lower_p99) a lower p99.
+    relative_to: str | None = None
+    min_ratio: float | None = None
+    lower_p99: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,9 +118,14 @@ def load_comparison_set(name_or_path: str | Path) -> ComparisonSet:
             env={**base_env, **_as_env(entry.get("env", {}))},
             description=entry.get("description", ""),
             skip=tuple(entry.get("skip", ())),
+            server=entry.get("server", "service"),
+            revision=entry.get("revision"),
         )
         for entry in data["configs"]
     )
+    for config in configs:
+        if config.server not in SERVER_KINDS:
+            raise ValueError(f"{path}: {config.name}: server must be one of {SERVER_KINDS}")
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: configuration names repeat: {names}")
@@ -117,6 +135,7 @@ def load_comparison_set(name_or_path: str | Path) -> ComparisonSet:
         *(c.baseline for c in comparisons),
         *(c.variant for c in comparisons),
         *(t.config for t in targets),
+        *(t.relative_to for t in targets if t.relative_to),
     ]:
         if reference not in names:
             raise ValueError(f"{path}: {reference!r} is not one of the configurations {names}")

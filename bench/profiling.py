@@ -29,7 +29,8 @@ SITE_PACKAGES = re.compile(r".*/(?:site|dist)-packages/")
 # the preprocessing as preprocessing). For one frame the first matching rule
 # wins, so specific rules come before the generic framework ones.
 _RULES = (
-    ("image header check", r"^service/schemas\.py:_image_from|^service/imaging\.py:open_image"),
+    ("image header check", r"^service/schemas\.py:_image_from|^service/imaging\.py:open_image"
+     r"|^service/requests\.py:identify_images"),
     ("text tokenisation", r"^models/tokenizer|^service/inference\.py:SentimentClassification"
      r"\.prepare|^models/preprocessing\.py:encode_texts"),
     ("latent sampling", r"^models/preprocessing\.py:latent_batch"
@@ -37,18 +38,19 @@ _RULES = (
     ("generator output to pixels (torch)", r"^models/preprocessing\.py:digits_from_generator"),
     ("image decode and preprocessing", r"^service/imaging\.py:load_image|^models/preprocessing"
      r"|^service/service\.py:_(guarded_)?image_row"
-     r"|^service/inference\.py:DigitClassification\.prepare"),
+     r"|^service/inference\.py:(DigitClassification\.)?(prepare_images|decode_and_prepare)"),
     ("response PNG encoding", r"^service/imaging\.py:(grid_png|encode_png)"),
     ("model inference (ONNX Runtime / PyTorch)", r"^service/backends\.py|^onnxruntime/|^torch/"),
     ("batch assembly and softmax", r"^service/inference\.py:(\w+\.run_batch|softmax)"),
     ("batcher (queue, thread hand-off)", r"^service/batching\.py|^concurrent/futures/"),
-    ("body parsing (multipart, JSON)", r"^_bentoml_impl/serde|^service/compat\.py"
+    ("body parsing (multipart, JSON)", r"^_bentoml_impl/serde|^service/requests\.py"
      r"|^starlette/formparsers|^multipart/|^python_multipart/|^json/"),
     ("pydantic validation and serialisation", r"^pydantic|^_bentoml_sdk/validators"),
     ("tracing (OpenTelemetry)", r"^opentelemetry/|^asgi/__init__|^trace/|^attributes/"
      r"|^sdk/trace|^context/|^propagate/|^baggage/|^util/http"),
     ("metrics (Prometheus)", r"^prometheus_client/|instruments\.py"),
-    ("request gate (service/http.py)", r"^service/http\.py"),
+    ("request gate and dispatch (service/http.py, ServingService.handle)",
+     r"^service/http\.py|^service/service\.py:ServingService\.handle"),
     ("BentoML/Starlette routing and middleware", r"^starlette/|^_bentoml_impl/|^bentoml/"
      r"|^_bentoml_sdk/|^anyio/"),
     ("HTTP protocol (uvicorn)", r"^uvicorn/protocols/|^h11/|^httptools/"),

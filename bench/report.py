@@ -86,19 +86,41 @@ def evaluate_targets(report: dict, targets: Iterable[Target]) -> list[dict]:
     for target in targets:
         point = find_point(report, target.config, target.workload, target.concurrency)
         row = {**target.__dict__, "measured": None, "met": None}
-        if point is not None:
+        other = (
+            find_point(report, target.relative_to, target.workload, target.concurrency)
+            if target.relative_to
+            else None
+        )
+        if point is not None and (other is not None or not target.relative_to):
             p99 = point["latency_ms"].get("p99")
+            outside = _server_cpu_outside_model(point)
             checks = []
             if target.min_requests_per_s is not None:
                 checks.append(point["requests_per_s"] >= target.min_requests_per_s)
             if target.max_p99_ms is not None:
                 checks.append(p99 is not None and p99 <= target.max_p99_ms)
+            if target.max_p50_ms is not None:
+                p50 = point["latency_ms"].get("p50")
+                checks.append(p50 is not None and p50 <= target.max_p50_ms)
             if target.max_errors is not None:
                 checks.append(point["errors"] <= target.max_errors)
+            if target.max_outside_model_ms is not None:
+                checks.append(outside is not None and outside <= target.max_outside_model_ms)
+            ratio = None
+            if other is not None:
+                ratio = point["requests_per_s"] / max(other["requests_per_s"], 1e-9)
+                other_p99 = other["latency_ms"].get("p99")
+                if target.min_ratio is not None:
+                    checks.append(ratio >= target.min_ratio)
+                if target.lower_p99:
+                    checks.append(p99 is not None and other_p99 is not None and p99 < other_p99)
             row["measured"] = {
                 "requests_per_s": point["requests_per_s"],
+                "p50_ms": point["latency_ms"].get("p50"),
                 "p99_ms": p99,
                 "errors": point["errors"],
+                "outside_model_ms": outside,
+                "ratio": ratio,
             }
             row["met"] = all(checks)
         results.append(row)
@@ -166,6 +188,20 @@ def _server_cpu_per_request(point: dict) -> float | None:
     return 10 * percent * point["duration_s"] / point["requests"]
 
 
+def _model_per_request(point: dict) -> float | None:
+    """Milliseconds inside model calls per answered request (``serving_model_seconds``)."""
+    model_s = point.get("server", {}).get("model_s")
+    if model_s is None or not point["requests"]:
+        return None
+    return 1000 * model_s / point["requests"]
+
+
+def _server_cpu_outside_model(point: dict) -> float | None:
+    """Server CPU per request minus the model's time: what the request path itself costs."""
+    total, model = _server_cpu_per_request(point), _model_per_request(point)
+    return None if total is None or model is None else total - model
+
+
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     """A Markdown table, first column left-aligned and the numbers right-aligned."""
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
@@ -192,7 +228,9 @@ def markdown(report: dict) -> str:
         "Columns: good (2xx) requests/s; items/s (images or texts per second); latency "
         "percentiles of good requests in ms; failed requests by status; mean batch size "
         "the server formed; server and load-generator CPU in % of one core; server CPU time "
-        "per request.",
+        "per request; time inside model calls per request (the service's "
+        "`serving_model_seconds`); and server CPU per request outside the model (the two "
+        "before it subtracted).",
         "",
     ]
     lines += [
@@ -226,6 +264,8 @@ def markdown(report: dict) -> str:
             "batch",
             "server CPU %",
             "server CPU ms/req",
+            "model ms/req",
+            "outside model ms/req",
             "client CPU %",
         ]
         rows = []
@@ -245,6 +285,8 @@ def markdown(report: dict) -> str:
                         _batch(point),
                         _fmt(point.get("server", {}).get("cpu_core_percent")),
                         _fmt(_server_cpu_per_request(point), 2),
+                        _fmt(_model_per_request(point), 3),
+                        _fmt(_server_cpu_outside_model(point), 3),
                         _fmt(point["client_cpu_core_percent"]),
                     ]
                 )
@@ -291,15 +333,28 @@ def markdown(report: dict) -> str:
                 required.append(f"≥ {target['min_requests_per_s']:,.0f} req/s")
             if target["max_p99_ms"] is not None:
                 required.append(f"p99 ≤ {target['max_p99_ms']:g} ms")
+            if target.get("max_p50_ms") is not None:
+                required.append(f"p50 ≤ {target['max_p50_ms']:g} ms")
             if target["max_errors"] is not None:
                 required.append(f"≤ {target['max_errors']} errors")
+            if target.get("max_outside_model_ms") is not None:
+                required.append(f"≤ {target['max_outside_model_ms']:g} ms CPU outside the model")
+            if target.get("min_ratio") is not None:
+                required.append(f"≥ {target['min_ratio']:g}× {target['relative_to']}")
+            if target.get("lower_p99"):
+                required.append(f"p99 below {target['relative_to']}'s")
             measured = target["measured"]
-            shown = (
-                f"{measured['requests_per_s']:,.0f} req/s, p99 {_fmt(measured['p99_ms'])} ms, "
-                f"{measured['errors']} errors"
-                if measured
-                else "not measured"
-            )
+            shown = "not measured"
+            if measured:
+                shown = (
+                    f"{measured['requests_per_s']:,.1f} req/s, p50 {_fmt(measured['p50_ms'])} ms, "
+                    f"p99 {_fmt(measured['p99_ms'])} ms, "
+                    f"{measured['errors']} errors"
+                )
+                if measured.get("outside_model_ms") is not None:
+                    shown += f", {measured['outside_model_ms']:.3f} ms outside the model"
+                if measured.get("ratio") is not None:
+                    shown += f", {measured['ratio']:.2f}×"
             met = {True: "yes", False: "**no**", None: "—"}[target["met"]]
             rows.append(
                 [

@@ -30,7 +30,14 @@ from bench.config import ComparisonSet, ServiceConfig, WorkloadPlan, load_compar
 from bench.loadgen import PointResult, default_client_processes, run_closed_loop
 from bench.payloads import Workload, build_workloads, default_data_dir
 from bench.report import compare, evaluate_targets, machine_info, write_report
-from bench.server import REPO_ROOT, BatchStats, ServiceProcess, batch_stats, http_get
+from bench.server import (
+    REPO_ROOT,
+    BatchStats,
+    ServiceProcess,
+    batch_stats,
+    http_get,
+    model_seconds,
+)
 
 log = logging.getLogger("bench")
 
@@ -47,28 +54,36 @@ class ServerProbe:
     def __init__(self, url: str, server: ServiceProcess | None) -> None:
         self.url = url
         self.server = server
-        self.readings: dict[str, tuple[float, float | None, BatchStats | None]] = {}
+        self.readings: dict[str, tuple[float, float | None, str | None]] = {}
 
-    def batch_stats(self) -> BatchStats | None:
+    def metrics(self) -> str | None:
         try:
             status, text = http_get(f"{self.url}/metrics", timeout=10.0)
         except OSError:
             return None
-        return batch_stats(text) if status == 200 else None
+        return text if status == 200 else None
+
+    def batch_stats(self) -> BatchStats | None:
+        text = self.metrics()
+        return batch_stats(text) if text is not None else None
 
     def __call__(self, edge: str) -> None:
         cpu = self.server.cpu_seconds() if self.server else None
-        self.readings[edge] = (time.monotonic(), cpu, self.batch_stats())
+        self.readings[edge] = (time.monotonic(), cpu, self.metrics())
 
     def summary(self) -> dict:
         if set(self.readings) != {"start", "end"}:
             return {}
-        (t0, cpu0, batches0), (t1, cpu1, batches1) = self.readings["start"], self.readings["end"]
+        (t0, cpu0, metrics0), (t1, cpu1, metrics1) = self.readings["start"], self.readings["end"]
         result: dict = {}
         if cpu0 is not None and cpu1 is not None:
             result["cpu_core_percent"] = round(100 * (cpu1 - cpu0) / (t1 - t0), 1)
-        if batches0 is not None and batches1 is not None:
-            result["mean_batch_size"] = batches1.mean_since(batches0)
+            result["cpu_s"] = round(cpu1 - cpu0, 4)
+        if metrics0 is not None and metrics1 is not None:
+            result["mean_batch_size"] = batch_stats(metrics1).mean_since(batch_stats(metrics0))
+            model0, model1 = model_seconds(metrics0), model_seconds(metrics1)
+            if model0 is not None and model1 is not None:
+                result["model_s"] = round(model1 - model0, 4)
         return result
 
 
@@ -155,6 +170,8 @@ def run_config(
         "name": config.name,
         "description": config.description,
         "env": config.env,
+        "server": config.server,
+        "revision": config.revision,
         "points": [],
         "error": None,
     }
@@ -165,7 +182,11 @@ def run_config(
             url = args.url.rstrip("/")
         else:
             server = ServiceProcess(
-                config.env, output_dir / f"{config.name}.server.log", service=service
+                config.env,
+                output_dir / f"{config.name}.server.log",
+                service=service,
+                kind=config.server,
+                revision=config.revision,
             )
             server.start()
             url = server.url

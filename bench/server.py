@@ -1,9 +1,12 @@
-"""The service under test: register the models in a private BentoML store, start
-``bentoml serve`` with a given environment, wait for ``/readyz``, read its
-``/metrics`` and CPU use, and stop it again.
+"""The server under test: register the models in a private BentoML store, start
+``bentoml serve`` (or a peer server) with a given environment, wait until it is
+ready, read its ``/metrics`` and CPU use, and stop it again.
 
 A benchmark never touches the user's model store: each run registers the
-committed artifacts into a temporary ``BENTOML_HOME`` first.
+committed artifacts into a temporary ``BENTOML_HOME`` first. A configuration
+may serve the project as it was at another git revision (``revision``): that
+tree is checked out into a temporary worktree and served from there, so a
+before/after comparison runs in one go, on the same machine state.
 """
 
 from __future__ import annotations
@@ -47,11 +50,11 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
         return error.code, error.read().decode("utf-8", "replace")
 
 
-def register_models(env: Mapping[str, str], log_file) -> None:
+def register_models(env: Mapping[str, str], log_file, cwd: Path = REPO_ROOT) -> None:
     """Import the committed artifacts into the store named by ``env['BENTOML_HOME']``."""
     subprocess.run(
         [sys.executable, "-m", "training.register"],
-        cwd=REPO_ROOT,
+        cwd=cwd,
         env=dict(env),
         stdout=log_file,
         stderr=subprocess.STDOUT,
@@ -77,6 +80,19 @@ class BatchStats:
         return means
 
 
+def model_seconds(metrics_text: str) -> float | None:
+    """Seconds spent inside model calls so far (``serving_model_seconds``, all endpoints
+    and workers), or None when the server does not export it (a peer, an old revision)."""
+    total = None
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "serving_model_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_sum"):
+                total = (total or 0.0) + sample.value
+    return total
+
+
 def batch_stats(metrics_text: str) -> BatchStats:
     """Read every ``*batch_size*`` histogram (BentoML's ``adaptive_batch_size`` and any
     the service adds) from a Prometheus text exposition, summed over workers."""
@@ -95,8 +111,22 @@ def batch_stats(metrics_text: str) -> BatchStats:
     return BatchStats(sums, counts)
 
 
+# How to start each kind of server on a port; ``{service}`` is the BentoML service path.
+SERVER_COMMANDS = {
+    "service": ["-m", "bentoml", "serve", "{service}", "--host", "127.0.0.1", "--port", "{port}"],
+    "bentoml-peer": ["-m", "bentoml", "serve", "bench.peers.bentoml_peer:BatchableClassifier",
+                     "--host", "127.0.0.1", "--port", "{port}"],
+    "litserve-peer": ["-m", "bench.peers.litserve_peer", "--port", "{port}"],
+    "starlette-ceiling": ["-m", "uvicorn", "bench.ceiling:app", "--host", "127.0.0.1",
+                          "--port", "{port}", "--log-level", "warning", "--no-access-log"],
+}  # fmt: skip
+READY_PATHS = {"litserve-peer": "/health"}
+SERVER_KINDS = tuple(SERVER_COMMANDS)
+
+
 class ServiceProcess:
-    """``bentoml serve`` in its own process group, with its own model store.
+    """A server (by default ``bentoml serve`` of the project) in its own process group,
+    with its own model store.
 
     Use as a context manager; the whole process tree is stopped on exit.
     """
@@ -107,16 +137,23 @@ class ServiceProcess:
         log_path: Path,
         *,
         service: str = DEFAULT_SERVICE,
+        kind: str = "service",
+        revision: str | None = None,
         port: int | None = None,
         ready_timeout_s: float = READY_TIMEOUT_S,
     ) -> None:
+        if kind not in SERVER_COMMANDS:
+            raise ValueError(f"unknown server kind {kind!r}; one of {SERVER_KINDS}")
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.service = service
+        self.kind = kind
+        self.revision = revision
         self.ready_timeout_s = ready_timeout_s
         self.extra_env = dict(env)
         self._store: tempfile.TemporaryDirectory | None = None
+        self._worktree: tempfile.TemporaryDirectory | None = None
         self._process: subprocess.Popen | None = None
         self._log_file = None
 
@@ -133,27 +170,33 @@ class ServiceProcess:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
+    def _checkout(self) -> Path:
+        """The tree to serve from: this checkout, or ``revision`` in a temporary worktree."""
+        if self.revision is None:
+            return REPO_ROOT
+        self._worktree = tempfile.TemporaryDirectory(prefix="bench-revision-")
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", self._worktree.name, self.revision],
+            cwd=REPO_ROOT, check=True, capture_output=True,
+        )  # fmt: skip
+        return Path(self._worktree.name)
+
     def start(self) -> None:
         self._store = tempfile.TemporaryDirectory(prefix="bench-bentoml-")
         env = self._environment(self._store.name)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = self.log_path.open("w")
-        register_models(env, self._log_file)
-        command = [
-            sys.executable,
-            "-m",
-            "bentoml",
-            "serve",
-            self.service,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
+        tree = self._checkout()
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
+        if self.kind == "service":
+            register_models(env, self._log_file, cwd=tree)
+        command = [sys.executable] + [
+            part.format(service=self.service, port=self.port) for part in SERVER_COMMANDS[self.kind]
         ]
-        log.info("starting %s on port %d", self.service, self.port)
+        log.info("starting %s on port %d", " ".join(command[1:]), self.port)
         self._process = subprocess.Popen(
             command,
-            cwd=REPO_ROOT,
+            cwd=tree,
             env=env,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
@@ -169,7 +212,8 @@ class ServiceProcess:
                     f"the service exited with {self._process.returncode}; see {self.log_path}"
                 )
             try:
-                status, _ = http_get(f"{self.url}/readyz", timeout=2.0)
+                ready_path = READY_PATHS.get(self.kind, "/readyz")
+                status, _ = http_get(f"{self.url}{ready_path}", timeout=2.0)
                 if status == 200:
                     log.info("service ready at %s", self.url)
                     return
@@ -195,6 +239,11 @@ class ServiceProcess:
         if self._store is not None:
             self._store.cleanup()
             self._store = None
+        if self._worktree is not None:
+            subprocess.run(["git", "worktree", "remove", "--force", self._worktree.name],
+                           cwd=REPO_ROOT, capture_output=True)  # fmt: skip
+            self._worktree.cleanup()
+            self._worktree = None
 
     def processes(self) -> list[psutil.Process]:
         """The server process and all its descendants (arbiter, API workers)."""

@@ -61,8 +61,11 @@ class RequestError(Exception):
     def body(self) -> dict:
         return {"error": self.summary(), "detail": [p.as_dict() for p in self.problems]}
 
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
 
 
 @dataclass
@@ -73,12 +76,17 @@ class ServiceBusy(Exception):
     retry_after_s: int = 1
     status: int = field(default=HTTPStatus.SERVICE_UNAVAILABLE, init=False)
 
+    def body(self) -> dict:
+        return error_body("overloaded", self.message)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
     def response(self) -> JSONResponse:
-        return JSONResponse(
-            error_body("overloaded", self.message),
-            status_code=self.status,
-            headers={"Retry-After": str(self.retry_after_s)},
-        )
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
+
+
+ClientError = RequestError | ServiceBusy
 
 
 def error_body(type_: str, msg: str, loc: Location = ()) -> dict:

@@ -1,32 +1,75 @@
-"""The ASGI gate in front of the API routes: method, content type, body size, arrivals.
+"""The service's HTTP path: an ASGI gate that answers the API routes itself.
 
-BentoML parses a request body before the service's code runs, and some bad
-requests reach it in ways that end as a 500 or an odd body (a JSON list, plain
-text). The gate answers those first, with the service's JSON error shape:
+BentoML's own route for an API method parses the body through its serde
+layer, validates a pydantic model, calls the method and serialises the answer
+through several Starlette layers; for a request whose model call takes a
+fraction of a millisecond that framework work was most of the server's CPU
+(``docs/benchmarks.md``). So the five API routes are served here, in an ASGI
+middleware added with BentoML's public ``add_asgi_middleware``: it sits inside
+BentoML's metrics, tracing, access-log and timeout middleware (so
+``/metrics`` still counts every request and slow requests still get a 504),
+and everything that is not an API route (``/``, ``/docs.json``, ``/livez``,
+``/readyz``, ``/metrics``, ``/schema.json``) goes on to BentoML untouched.
 
-* a method other than POST on an API route → 405;
-* a content type the route does not take (including BentoML's internal
-  ``application/vnd.bentoml+pickle``) or multipart without a boundary → 415;
-* a body larger than the limit → 413, from ``Content-Length`` before reading,
-  or while buffering a chunked body.
+For an API route the gate
 
-It also counts the requests in progress per route (``InFlight``); a batcher
-waits for a fuller batch only while some of them have not reached it yet.
-The per-request cost is a header scan and two dictionary updates.
+* answers a method other than POST with 405;
+* answers a content type the route does not take (including BentoML's
+  internal ``application/vnd.bentoml+pickle``), or multipart without a
+  boundary, with 415;
+* answers a body over the limit with 413: from ``Content-Length`` before
+  reading, or while reading a chunked body;
+* counts the request as in flight (``InFlight``) while it is received and
+  served: a batcher waits for a fuller batch only while some of those have not
+  reached it yet;
+* hands the whole body to the service's ``handle`` and sends its ``Reply``.
+
+Errors have the service's JSON shape (``service.errors``).
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Mapping
-from typing import Any
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from starlette.responses import JSONResponse
+import orjson
 
-from service.errors import error_body
+from service.errors import ClientError, error_body
+
+log = logging.getLogger(__name__)
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
+PNG = "image/png"
+# Raw image bodies /classify takes besides multipart (the format is read from the bytes).
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A complete HTTP answer."""
+
+    status: int
+    body: bytes
+    media_type: str = JSON
+    headers: Mapping[str, str] | None = None
+
+    @classmethod
+    def json(cls, value: Any, status: int = 200) -> Reply:
+        return cls(status, orjson.dumps(value))
+
+    @classmethod
+    def error(cls, error: ClientError) -> Reply:
+        return cls(error.status, orjson.dumps(error.body()), headers=error.headers())
+
+
+class ApiHandler(Protocol):
+    async def handle(self, path: str, media_type: str, content_type: str, body: bytes) -> Reply:
+        """Answer one API request; ``media_type`` is the lower-cased type of ``content_type``."""
+        ...
 
 
 class InFlight:
@@ -48,20 +91,23 @@ class InFlight:
 IN_FLIGHT = InFlight()
 
 
-class RequestGate:
-    """Pure ASGI middleware; ``routes`` maps an API path to the media type it accepts."""
+class ApiGate:
+    """Pure ASGI middleware; ``routes`` maps an API path to the media types it accepts,
+    ``handler`` returns the object that answers them (the running service instance)."""
 
     def __init__(
         self,
         app: Any,
         *,
-        routes: Mapping[str, str],
+        routes: Mapping[str, tuple[str, ...]],
         max_body_bytes: int,
+        handler: Callable[[], ApiHandler],
         in_flight: InFlight = IN_FLIGHT,
     ) -> None:
         self.app = app
         self.routes = dict(routes)
         self.max_body_bytes = max_body_bytes
+        self.handler = handler
         self.in_flight = in_flight
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -70,75 +116,108 @@ class RequestGate:
             return
         path = scope["path"]
         if scope["method"] != "POST":
-            await _reject(
-                scope, receive, send, 405, "method_not_allowed",
-                f"{path} accepts POST requests only", ("method",), {"Allow": "POST"},
-            )  # fmt: skip
+            await _reject(send, 405, "method_not_allowed", f"{path} accepts POST requests only",
+                          ("method",), {"Allow": "POST"})  # fmt: skip
             return
-        content_type, content_length, chunked = _body_headers(scope["headers"])
-        problem = _content_type_problem(content_type, accepted)
+        content_type, content_length = _body_headers(scope["headers"])
+        media_type, problem = _content_type_problem(content_type, accepted)
         if problem is not None:
-            await _reject(scope, receive, send, 415, "unsupported_media_type",
-                          f"{path}: {problem}", ("header", "content-type"))  # fmt: skip
+            await _reject(send, 415, "unsupported_media_type", f"{path}: {problem}",
+                          ("header", "content-type"))  # fmt: skip
             return
         if content_length is not None and content_length > self.max_body_bytes:
-            await self._too_large(scope, receive, send)
+            await self._too_large(send)
             return
-        if content_length is None and chunked:
-            # No length up front: read the body here, within the limit, then replay it.
-            body = await _read_within(receive, self.max_body_bytes)
-            if body is None:
-                await self._too_large(scope, receive, send)
-                return
-            receive = _replay(body, receive)
         self.in_flight.enter(path)
         try:
-            await self.app(scope, receive, send)
+            body = await _read_within(receive, self.max_body_bytes)
+            if body is None:
+                await self._too_large(send)
+                return
+            if body is _DISCONNECTED:
+                return  # nobody to answer
+            reply = await self._answer(path, media_type, content_type or "", body)
+            await send_reply(send, reply)
         finally:
             self.in_flight.leave(path)
 
-    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
-        await _reject(scope, receive, send, 413, "payload_too_large",
+    async def _answer(self, path: str, media_type: str, content_type: str, body: bytes) -> Reply:
+        try:
+            return await self.handler().handle(path, media_type, content_type, body)
+        except Exception:
+            # A fault of the server, not of the request: log it, answer 500 in the
+            # service's error shape, and keep serving.
+            log.exception("Exception on %s", path)
+            return Reply(500, orjson.dumps(error_body("internal_error", "internal server error")))
+
+    async def _too_large(self, send: Any) -> None:
+        await _reject(send, 413, "payload_too_large",
                       f"the request body is larger than the limit of {self.max_body_bytes} bytes",
                       ("body",), {"Connection": "close"})  # fmt: skip
 
 
-def _body_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | None, int | None, bool]:
+async def send_reply(send: Callable[[dict], Awaitable[None]], reply: Reply) -> None:
+    headers = [
+        (b"content-type", reply.media_type.encode("latin-1")),
+        (b"content-length", str(len(reply.body)).encode("latin-1")),
+    ]
+    if reply.headers:
+        headers.extend(
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in reply.headers.items()
+        )
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})
+
+
+def _body_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | None, int | None]:
     content_type = None
     content_length = None
-    chunked = False
     for name, value in headers:
         if name == b"content-type":
             content_type = value.decode("latin-1")
         elif name == b"content-length":
             # The HTTP server has already rejected a malformed Content-Length.
             content_length = int(value)
-        elif name == b"transfer-encoding":
-            chunked = b"chunked" in value.lower()
-    return content_type, content_length, chunked
+    return content_type, content_length
 
 
-def _content_type_problem(content_type: str | None, accepted: str) -> str | None:
+def _content_type_problem(
+    content_type: str | None, accepted: tuple[str, ...]
+) -> tuple[str, str | None]:
+    """(the media type, what is wrong with it or None)."""
     if content_type is None:
-        # BentoML reads a body without a Content-Type as JSON.
-        return None if accepted == JSON else f"send the files as {MULTIPART}"
+        # A body without a Content-Type is read as JSON, as BentoML does.
+        if JSON in accepted:
+            return JSON, None
+        return "", f"send the files as {MULTIPART}"
     media_type, _, parameters = content_type.partition(";")
     media_type = media_type.strip().lower()
-    if media_type != accepted:
-        return f"unsupported Content-Type {media_type!r}; send {accepted}"
-    if accepted == MULTIPART and "boundary=" not in parameters.lower():
-        return f"{MULTIPART} without a boundary parameter"
-    return None
+    if media_type not in accepted:
+        return media_type, f"unsupported Content-Type {media_type!r}; send {' or '.join(accepted)}"
+    if media_type == MULTIPART and "boundary=" not in parameters.lower():
+        return media_type, f"{MULTIPART} without a boundary parameter"
+    return media_type, None
+
+
+_DISCONNECTED = b"<disconnected>"
 
 
 async def _read_within(receive: Any, limit: int) -> bytes | None:
-    """The whole body, or None as soon as it exceeds ``limit`` bytes."""
-    chunks = []
-    size = 0
+    """The whole body; None as soon as it exceeds ``limit`` bytes; ``_DISCONNECTED`` if the
+    client went away first."""
+    message = await receive()
+    if message["type"] != "http.request":
+        return _DISCONNECTED
+    body = message.get("body", b"")
+    if not message.get("more_body", False):  # the usual case: one message
+        return body if len(body) <= limit else None
+    chunks = [body]
+    size = len(body)
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            return b""  # the client went away; the app sees an empty body and fails cleanly
+            return _DISCONNECTED
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -148,22 +227,7 @@ async def _read_within(receive: Any, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Any) -> Any:
-    delivered = False
-
-    async def replay() -> dict:
-        nonlocal delivered
-        if delivered:
-            return await receive()
-        delivered = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay
-
-
 async def _reject(
-    scope: dict,
-    receive: Any,
     send: Any,
     status: int,
     type_: str,
@@ -171,5 +235,6 @@ async def _reject(
     loc: tuple[str, ...],
     headers: Mapping[str, str] | None = None,
 ) -> None:
-    response = JSONResponse(error_body(type_, message, loc), status_code=status, headers=headers)
-    await response(scope, receive, send)
+    await send_reply(
+        send, Reply(status, orjson.dumps(error_body(type_, message, loc)), headers=headers)
+    )

@@ -12,10 +12,16 @@ Endpoints (all POST; the OpenAPI page at / documents each with examples):
     /sentiment_batch  {"texts": ["...", ...]}                    → one result per text, in order
     /generate         {"n": 8, "digit": 7, "seed": 1}            → PNGs (base64 JSON, or one grid)
 
-Each request goes decode → validate → prepare (the training preprocessing)
-→ adaptive batcher → predictor (PyTorch or ONNX Runtime) → response. Models,
-preprocessing objects and batchers are built once per worker at start-up;
-``service.settings`` documents every setting.
+``/classify`` also takes the image as the whole body (``Content-Type: image/png``,
+``image/jpeg``, ...).
+
+Over HTTP these routes are answered by ``service.http.ApiGate`` through
+``ServingService.handle``: parse and validate the body (``service.requests``)
+→ prepare (the training preprocessing) → adaptive batcher → predictor
+(PyTorch or ONNX Runtime) → JSON. The ``@bentoml.api`` methods run the same
+code and are what the OpenAPI page, BentoML's clients and in-process callers
+see. Models, preprocessing objects and batchers are built once per worker at
+start-up; ``service.settings`` documents every setting.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import asyncio
 import base64
 import logging
 import secrets
-from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import bentoml
 import numpy as np
@@ -35,28 +41,36 @@ from starlette.responses import Response
 
 from models.registry import get_spec
 from models.tokenizer import Vocabulary
-from service import compat
 from service.backends import (
     Placement,
-    Predictor,
     check_placement,
     load_predictor,
     resolve_device,
 )
 from service.batching import AdaptiveBatcher, QueueFull
-from service.errors import Problem, RequestError, ServiceBusy
-from service.http import IN_FLIGHT, JSON, MULTIPART, RequestGate
-from service.imaging import ImageError, encode_png, grid_png, load_image
+from service.errors import Location, Problem, RequestError, ServiceBusy
+from service.http import IMAGE_TYPES, IN_FLIGHT, JSON, MULTIPART, PNG, ApiGate, Reply
+from service.imaging import ImageError, encode_png, grid_png
 from service.inference import (
     DigitClassification,
     DigitGeneration,
     EmptyText,
     SentimentClassification,
+    TimedPredictor,
 )
+from service.metrics import endpoint_metrics
 from service.model_store import load_stored_artifact, resolve_tag
+from service.requests import (
+    GenerateInput,
+    SentimentBatchInput,
+    SentimentInput,
+    form_files,
+    identify_images,
+    parse_form,
+    parse_json,
+)
 from service.schemas import (
     DigitPrediction,
-    GeneratedDigit,
     GeneratedDigits,
     GridFlag,
     ImageCount,
@@ -82,26 +96,25 @@ TAGS = {
     key: resolve_tag(get_spec(name), SETTINGS.models[key].tag) for key, name in MODEL_KEYS.items()
 }
 
-# Which endpoint feeds which batcher, and the body each route takes.
+# The media types each API route takes, and which endpoint's batcher each route feeds.
 ROUTES = {
-    "/classify": MULTIPART,
-    "/classify_batch": MULTIPART,
-    "/sentiment": JSON,
-    "/sentiment_batch": JSON,
-    "/generate": JSON,
+    "/classify": (MULTIPART, *IMAGE_TYPES),
+    "/classify_batch": (MULTIPART,),
+    "/sentiment": (JSON,),
+    "/sentiment_batch": (JSON,),
+    "/generate": (JSON,),
 }
 BATCHER_ROUTES = {
     "classify": ("/classify", "/classify_batch"),
     "sentiment": ("/sentiment", "/sentiment_batch"),
     "generate": ("/generate",),
 }
-# Decoding an image larger than this runs in a thread, off the event loop.
+MODEL_ENDPOINTS = {"classifier": "classify", "sentiment": "sentiment", "generator": "generate"}
+# An image larger than this is decoded on a worker thread rather than in the
+# batcher's, so that it does not hold up the other requests' batches.
 INLINE_DECODE_PIXELS = 1_000_000
-
-# Room for the images of a batch request plus a few other form fields.
-compat.apply(max_parts=SETTINGS.limits.max_items_per_request + 16)
-
-ResultT = TypeVar("ResultT")
+# Form parts one request may carry: the images of a batch request plus a few other fields.
+EXTRA_FORM_PARTS = 16
 
 
 @bentoml.service(
@@ -133,8 +146,17 @@ class ServingService:
             "sentiment": self.sentiment_model,
             "generator": self.generator_model,
         }
+        self.limits = settings.limits
+        self.max_form_parts = settings.limits.max_items_per_request + EXTRA_FORM_PARTS
+        self.metrics = endpoint_metrics(BATCHER_ROUTES)
         artifacts = {key: load_stored_artifact(model.path) for key, model in stored.items()}
-        predictors = {key: self._load_predictor(key, artifacts[key]) for key in stored}
+        predictors = {
+            key: TimedPredictor(
+                self._load_predictor(key, artifacts[key]),
+                self.metrics[MODEL_ENDPOINTS[key]].observe_model_seconds,
+            )
+            for key in stored
+        }
 
         self.classification = DigitClassification(predictors["classifier"])
         self.sentiment_task = SentimentClassification(
@@ -161,11 +183,10 @@ class ServingService:
             artifact = load_stored_artifact(stored.path)
             check_placement(get_spec(name), artifact, _placement(key, device))
 
-    def _load_predictor(self, key: str, artifact: Any) -> Predictor:
+    def _load_predictor(self, key: str, artifact: Any) -> Any:
         return load_predictor(get_spec(MODEL_KEYS[key]), artifact, _placement(key, self.device))
 
     def _build_batchers(self, batching: dict[str, Any]) -> dict[str, AdaptiveBatcher[Any, Any]]:
-        histogram = _batch_size_histogram()
         generator_shares = self._make_generation_batch_invariant(
             batching["generate"].max_batch_size
         )
@@ -184,7 +205,7 @@ class ServingService:
                 max_queue_items=SETTINGS.max_queue_items,
                 isolate_requests=not (SETTINGS.batching_enabled and shareable),
                 arriving_requests=lambda routes=routes: IN_FLIGHT.count(routes),
-                observe_batch=histogram.labels(endpoint=endpoint).observe,
+                observe_batch=self.metrics[endpoint].observe_batch_size,
             )
         if not generator_shares and SETTINGS.batching_enabled:
             log.warning(
@@ -240,6 +261,43 @@ class ServingService:
             self.generation.pad_to = None
         return False
 
+        # --- the HTTP path (service.http.ApiGate calls this for every API request) ---------
+
+    async def handle(self, path: str, media_type: str, content_type: str, body: bytes) -> Reply:
+        """Answer one request to an API route; the gate has checked method, type and size."""
+        try:
+            if path == "/classify":
+                if media_type == MULTIPART:
+                    parts = parse_form(body, content_type, max_parts=self.max_form_parts)
+                    files = form_files(parts, "image")
+                else:  # a raw image body
+                    files = [(body, ("image",))]
+                [result] = await self._classify(files)
+                return Reply.json(result)
+            if path == "/classify_batch":
+                parts = parse_form(body, content_type, max_parts=self.max_form_parts)
+                files = form_files(parts, "images", max_items=self.limits.max_items_per_request)
+                return Reply.json(await self._classify(files))
+            if path == "/sentiment":
+                text = parse_json(SentimentInput, body).text
+                [result] = await self._score([text], [("text",)])
+                return Reply.json(result)
+            if path == "/sentiment_batch":
+                texts = parse_json(SentimentBatchInput, body).texts
+                return Reply.json(
+                    await self._score(texts, [("texts", i) for i in range(len(texts))])
+                )
+            if path == "/generate":
+                request = parse_json(GenerateInput, body)
+                return await self._generate(request.n, request.digit, request.seed, request.grid)
+        except (RequestError, ServiceBusy) as error:
+            return Reply.error(error)
+        raise LookupError(f"no handler for {path}")
+
+    # --- the API methods: the OpenAPI schema, BentoML's clients and in-process calls ---
+    # Over HTTP the gate answers these routes with the same code (``handle``); these
+    # methods are what BentoML documents and what a composing service calls directly.
+
     @bentoml.api(route="/classify")
     async def classify(self, image: ImageUpload) -> DigitPrediction:
         """Classify one digit image.
@@ -247,13 +305,14 @@ class ServingService:
         `curl -F image=@seven.png localhost:3000/classify` →
         `{"digit": 7, "confidence": 0.998, "probabilities": [...]}`.
         PNG, JPEG, GIF, BMP or WebP; any size and mode; dark-on-light or light-on-dark.
+        The image may also be the whole body: `curl --data-binary @seven.png
+        -H 'Content-Type: image/png' localhost:3000/classify`.
         """
         try:
-            row = await self._prepare_image(image, ("image",))
-            [probabilities] = await self._submit("classify", [row])
+            [result] = await self._classify_images([image], [("image",)])
         except (RequestError, ServiceBusy) as error:
             return error.response()
-        return _digit_prediction(probabilities)
+        return DigitPrediction(**result)
 
     @bentoml.api(route="/classify_batch")
     async def classify_batch(self, images: ImageList) -> list[DigitPrediction]:
@@ -262,16 +321,12 @@ class ServingService:
         `curl -F images=@seven.png -F images=@two.jpg localhost:3000/classify_batch`
         """
         try:
-            rows = await self._prepare_all(
-                [
-                    self._prepare_image(image, ("images", index))
-                    for index, image in enumerate(images)
-                ]
+            results = await self._classify_images(
+                images, [("images", index) for index in range(len(images))]
             )
-            results = await self._submit("classify", rows)
         except (RequestError, ServiceBusy) as error:
             return error.response()
-        return [_digit_prediction(probabilities) for probabilities in results]
+        return [DigitPrediction(**result) for result in results]
 
     @bentoml.api(route="/sentiment")
     async def sentiment(self, text: Text) -> SentimentPrediction:
@@ -281,11 +336,10 @@ class ServingService:
         localhost:3000/sentiment` → `{"label": "positive", "score": 0.97}`
         """
         try:
-            row = self._prepare_text(text, ("text",))
-            [score] = await self._submit("sentiment", [row])
+            [result] = await self._score([text], [("text",)])
         except (RequestError, ServiceBusy) as error:
             return error.response()
-        return _sentiment_prediction(score)
+        return SentimentPrediction(**result)
 
     @bentoml.api(route="/sentiment_batch")
     async def sentiment_batch(self, texts: TextList) -> list[SentimentPrediction]:
@@ -295,18 +349,10 @@ class ServingService:
         localhost:3000/sentiment_batch`
         """
         try:
-            rows, problems = [], []
-            for index, text in enumerate(texts):
-                try:
-                    rows.append(self._prepare_text(text, ("texts", index)))
-                except RequestError as error:
-                    problems.extend(error.problems)
-            if problems:
-                raise RequestError(problems)
-            scores = await self._submit("sentiment", rows)
+            results = await self._score(texts, [("texts", i) for i in range(len(texts))])
         except (RequestError, ServiceBusy) as error:
             return error.response()
-        return [_sentiment_prediction(score) for score in scores]
+        return [SentimentPrediction(**result) for result in results]
 
     @bentoml.api(route="/generate")
     async def generate(
@@ -324,21 +370,90 @@ class ServingService:
         one is drawn and returned. With `"grid": true` the answer is a single PNG
         (Content-Type image/png) and the seed is in the `X-Seed` header.
         """
+        try:
+            reply = await self._generate(n, digit, seed, grid)
+        except ServiceBusy as error:
+            return error.response()
+        if reply.media_type == PNG:
+            return Response(reply.body, media_type=PNG, headers=reply.headers)
+        return GeneratedDigits.model_validate_json(reply.body)
+
+    # --- the work behind both --------------------------------------------------------
+
+    async def _classify(self, files: Sequence[tuple[bytes, Location]]) -> list[dict]:
+        images = identify_images(files, max_pixels=self.limits.max_image_pixels)
+        return await self._classify_images(images, [loc for _, loc in files])
+
+    async def _classify_images(
+        self, images: Sequence[Image.Image], locations: Sequence[Location]
+    ) -> list[dict]:
+        """Identified images → one prediction each; every corrupt image is reported at once.
+
+        Small images are decoded and preprocessed in the batcher's thread, a whole
+        batch at a time. Large uploads, and requests of more images than one batch,
+        are prepared on a worker thread instead, chunk by chunk, so that the model
+        already runs the first chunks while the next are decoded.
+        """
+        batch = self.batchers["classify"].max_batch_size
+        if len(images) <= batch and not any(_is_large(image) for image in images):
+            results = await self._submit("classify", images)
+        else:
+            results = await self._classify_in_chunks(images, batch)
+        problems = [
+            Problem(result.type, result.message, loc)
+            for result, loc in zip(results, locations, strict=True)
+            if isinstance(result, ImageError)
+        ]
+        if problems:
+            raise RequestError(problems)
+        return [_digit_prediction(probabilities) for probabilities in results]
+
+    async def _classify_in_chunks(self, images: Sequence[Image.Image], size: int) -> list[Any]:
+        pending: list[tuple[int, asyncio.Future[list[Any]]]] = []
+        results: list[Any] = [None] * len(images)
+        try:
+            for start in range(0, len(images), size):
+                chunk = images[start : start + size]
+                rows = await asyncio.to_thread(DigitClassification.decode_and_prepare, chunk)
+                results[start : start + len(rows)] = rows
+                if not any(isinstance(row, ImageError) for row in results):
+                    pending.append((start, asyncio.ensure_future(self._submit("classify", rows))))
+            if any(isinstance(row, ImageError) for row in results):
+                return results  # the request fails; no model work for it
+            for start, future in pending:
+                chunk_results = await future
+                results[start : start + len(chunk_results)] = chunk_results
+            return results
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+    async def _score(self, texts: Sequence[str], locations: Sequence[Location]) -> list[dict]:
+        rows, problems = [], []
+        for text, loc in zip(texts, locations, strict=True):
+            try:
+                rows.append(self.sentiment_task.prepare(text))
+            except EmptyText as error:
+                problems.append(Problem("empty_text", str(error), loc))
+        if problems:
+            raise RequestError(problems)
+        return [_sentiment_prediction(score) for score in await self._submit("sentiment", rows)]
+
+    async def _generate(self, n: int, digit: int | None, seed: int | None, grid: bool) -> Reply:
         if seed is None:
             seed = secrets.randbits(63)
         rows = self.generation.prepare(n, digit, seed)
-        try:
-            images = await self._submit("generate", rows)
-        except ServiceBusy as error:
-            return error.response()
+        images = await self._submit("generate", rows)
         if grid:
-            return Response(grid_png(images), media_type="image/png", headers={"X-Seed": str(seed)})
-        return GeneratedDigits(
-            seed=seed,
-            images=[
-                GeneratedDigit(digit=row.label, png=base64.b64encode(encode_png(pixels)).decode())
-                for row, pixels in zip(rows, images, strict=True)
-            ],
+            return Reply(200, grid_png(images), PNG, {"X-Seed": str(seed)})
+        return Reply.json(
+            {
+                "seed": seed,
+                "images": [
+                    {"digit": row.label, "png": base64.b64encode(encode_png(pixels)).decode()}
+                    for row, pixels in zip(rows, images, strict=True)
+                ],
+            }
         )
 
     async def _submit(self, endpoint: str, rows: Sequence[Any]) -> list[Any]:
@@ -346,31 +461,6 @@ class ServingService:
             return await self.batchers[endpoint].submit(rows)
         except QueueFull as error:
             raise ServiceBusy(f"the server is busy ({error}); retry shortly") from None
-
-    async def _prepare_image(self, image: Image.Image, loc: tuple[str | int, ...]) -> np.ndarray:
-        """Decode and preprocess one upload; large images are handled off the event loop."""
-        if image.width * image.height > INLINE_DECODE_PIXELS:
-            return await asyncio.to_thread(_guarded_image_row, image, loc)
-        return _guarded_image_row(image, loc)
-
-    def _prepare_text(self, text: str, loc: tuple[str | int, ...]) -> list[int]:
-        try:
-            return self.sentiment_task.prepare(text)
-        except EmptyText as error:
-            raise RequestError.single("empty_text", str(error), loc) from None
-
-    @staticmethod
-    async def _prepare_all(steps: Sequence[Awaitable[ResultT]]) -> list[ResultT]:
-        """Run every item's preparation and report all bad items at once."""
-        rows, problems = [], []
-        for step in steps:
-            try:
-                rows.append(await step)
-            except RequestError as error:
-                problems.extend(error.problems)
-        if problems:
-            raise RequestError(problems)
-        return rows
 
 
 def _placement(key: str, device: torch.device) -> Placement:
@@ -384,32 +474,18 @@ def _placement(key: str, device: torch.device) -> Placement:
     )
 
 
-def _image_row(image: Image.Image) -> np.ndarray:
-    return DigitClassification.prepare(load_image(image))
+def _is_large(image: Image.Image) -> bool:
+    return image.width * image.height > INLINE_DECODE_PIXELS
 
 
-def _guarded_image_row(image: Image.Image, loc: tuple[str | int, ...]) -> np.ndarray:
-    try:
-        return _image_row(image)
-    except ImageError as error:
-        raise RequestError(Problem(error.type, error.message, loc)) from None
-    except Exception as error:
-        # Pillow can fail on exotic but well-formed files (odd modes, broken
-        # palettes); that is the upload's problem, not a server fault.
-        log.warning("could not process an uploaded %s image", image.format, exc_info=True)
-        raise RequestError(
-            Problem("unsupported_image", f"cannot process this {image.format} image ({error})", loc)
-        ) from None
-
-
-def _digit_prediction(probabilities: np.ndarray) -> DigitPrediction:
+def _digit_prediction(probabilities: np.ndarray) -> dict:
     values = probabilities.tolist()
     digit = int(np.argmax(probabilities))
-    return DigitPrediction(digit=digit, confidence=values[digit], probabilities=values)
+    return {"digit": digit, "confidence": values[digit], "probabilities": values}
 
 
-def _sentiment_prediction(score: float) -> SentimentPrediction:
-    return SentimentPrediction(label="positive" if score >= 0.5 else "negative", score=score)
+def _sentiment_prediction(score: float) -> dict:
+    return {"label": "positive" if score >= 0.5 else "negative", "score": score}
 
 
 def _configure_logging(level: str) -> None:
@@ -426,28 +502,9 @@ def _configure_logging(level: str) -> None:
             logger.disabled = False
 
 
-_HISTOGRAM: Any = None
-
-
-def _batch_size_histogram() -> Any:
-    """Items per model call, per endpoint, on /metrics (created once per process).
-
-    prometheus_client is imported here, not at module level: BentoML points it
-    at its multiprocess directory only after importing this module.
-    """
-    global _HISTOGRAM
-    if _HISTOGRAM is None:
-        import prometheus_client
-
-        _HISTOGRAM = prometheus_client.Histogram(
-            "serving_batch_size",
-            "Items (images, texts, latent vectors) per model call",
-            ["endpoint"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-        )
-    return _HISTOGRAM
-
-
 ServingService.add_asgi_middleware(
-    RequestGate, routes=ROUTES, max_body_bytes=SETTINGS.limits.max_body_bytes
+    ApiGate,
+    routes=ROUTES,
+    max_body_bytes=SETTINGS.limits.max_body_bytes,
+    handler=bentoml.get_current_service,
 )

@@ -154,11 +154,11 @@ def test_closed_loop_records_refused_connections():
 
 
 def test_profile_summary_attributes_time_to_the_deepest_known_frame():
-    loop = "run (asyncio/events.py:80);RequestGate.__call__ (service/http.py:96)"
+    loop = "run (asyncio/events.py:80);ApiGate.__call__ (service/http.py:96)"
     collapsed = "\n".join(
         [
             f"{loop};grid_png (service/imaging.py:90);save (PIL/Image.py:2400) 30",
-            f"{loop};_image_row (service/service.py:350);load (PIL/ImageFile.py:200) 50",
+            f"{loop};decode_and_prepare (service/inference.py:90);load (PIL/ImageFile.py:200) 50",
             "_worker (concurrent/futures/thread.py:90) 15",
             f"{loop} 5",
             "garbage line",
@@ -170,9 +170,9 @@ def test_profile_summary_attributes_time_to_the_deepest_known_frame():
         "image decode and preprocessing": 50.0,
         "response PNG encoding": 30.0,
         profiling.WAITING_CATEGORY: 15.0,
-        "request gate (service/http.py)": 5.0,
+        "request gate and dispatch (service/http.py, ServingService.handle)": 5.0,
     }
-    assert dict(summary.inclusive)["service/http.py:RequestGate.__call__"] == 85.0
+    assert dict(summary.inclusive)["service/http.py:ApiGate.__call__"] == 85.0
     assert "| response PNG encoding | 30.0 |" in profiling.markdown(summary, "t")
 
 

@@ -116,6 +116,7 @@ def test_health_metrics_and_openapi(server):
     assert status == 200
     text = raw.decode()
     assert "serving_batch_size_bucket" in text
+    assert 'serving_model_seconds_sum{endpoint="classify"}' in text
     for route in ("/classify", "/sentiment", "/generate"):
         assert f'endpoint="{route}"' in text, route  # BentoML's per-endpoint request metrics
 
@@ -333,6 +334,19 @@ def test_a_valid_image_with_a_misleading_part_type_is_classified(server, mnist_t
         assert status == 200 and answer == expected, content_type
 
 
+def test_a_raw_image_body_is_classified_like_an_upload(server, mnist_test_digits):
+    """BentoML #5215: the image as the whole body, without multipart."""
+    images, labels = mnist_test_digits
+    for fmt, media_type in (("PNG", "image/png"), ("JPEG", "image/jpeg")):
+        data = encode(images[3], fmt)
+        expected = post_files(server, "/classify", "image", [data])[1]
+        status, _, raw = server.request(
+            "/classify", data=data, headers={"Content-Type": media_type}
+        )
+        assert status == 200 and json.loads(raw) == expected
+        assert expected["digit"] == labels[3]
+
+
 BAD_REQUESTS = {
     # name: (path, body, Content-Type, expected status, expected problem type)
     "text field instead of a file": (
@@ -361,8 +375,21 @@ BAD_REQUESTS = {
         415,
         "unsupported_media_type",
     ),
-    # BentoML #5215: no raw binary bodies; say so instead of failing obscurely.
-    "raw image body": ("/classify", b"\x89PNG\r\n", "image/png", 415, "unsupported_media_type"),
+    # A raw body must be an image type; the bytes decide the format.
+    "raw octet-stream body": (
+        "/classify",
+        b"\x89PNG\r\n",
+        "application/octet-stream",
+        415,
+        "unsupported_media_type",
+    ),
+    "raw image body that is not an image": (
+        "/classify",
+        b"\x89PNG\r\n",
+        "image/png",
+        400,
+        "invalid_image",
+    ),
     "multipart without boundary": (
         "/classify",
         b"--x--",

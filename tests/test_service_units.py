@@ -1,5 +1,6 @@
 """Unit tests of the service's framework-free parts: settings, the adaptive
-batcher, safe image decoding, error bodies and the ASGI request gate."""
+batcher, safe image decoding, error bodies, the ASGI gate, request parsing and
+batch preparation of images."""
 
 from __future__ import annotations
 
@@ -14,14 +15,21 @@ import numpy as np
 import pytest
 from PIL import Image
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from service.batching import AdaptiveBatcher, QueueFull
 from service.errors import Problem, RequestError
-from service.http import JSON, MULTIPART, InFlight, RequestGate
+from service.http import JSON, MULTIPART, PNG, ApiGate, InFlight, Reply
 from service.imaging import ImageError, encode_png, grid_png, load_image, open_image
+from service.requests import (
+    GenerateInput,
+    SentimentInput,
+    form_files,
+    identify_images,
+    parse_form,
+    parse_json,
+)
 from service.settings import Settings, SettingsError, resolve_backend, resolve_precision
 
 # --- settings -------------------------------------------------------------------------
@@ -310,25 +318,32 @@ def test_error_bodies_are_objects_naming_each_problem():
     assert error.response().status_code == 400
 
 
-def test_the_gate_checks_method_content_type_and_size():
+class EchoHandler:
+    """Answers with what the gate handed over, and how many requests were in flight."""
+
+    def __init__(self, in_flight: InFlight) -> None:
+        self.in_flight = in_flight
+
+    async def handle(self, path: str, media_type: str, content_type: str, body: bytes) -> Reply:
+        if body == b"fail":
+            raise RuntimeError("a server fault")
+        in_flight = self.in_flight.count([path])
+        return Reply.json({"type": media_type, "bytes": len(body), "in_flight": in_flight})
+
+
+def test_the_gate_checks_method_content_type_and_size_then_hands_over_the_body():
     in_flight = InFlight()
-    seen = {}
+    handler = EchoHandler(in_flight)
 
-    async def echo(request: Request) -> JSONResponse:
-        body = await request.body()
-        seen["in_flight"] = in_flight.count(["/echo"])
-        return JSONResponse({"bytes": len(body)})
+    async def other(_request) -> PlainTextResponse:
+        return PlainTextResponse("BentoML's own route")
 
-    app = Starlette(
-        routes=[
-            Route("/echo", echo, methods=["POST", "GET"]),
-            Route("/files", echo, methods=["POST"]),
-        ]
-    )
+    app = Starlette(routes=[Route("/livez", other)])
     app.add_middleware(
-        RequestGate,
-        routes={"/echo": JSON, "/files": MULTIPART},
+        ApiGate,
+        routes={"/echo": (JSON,), "/files": (MULTIPART, PNG)},
         max_body_bytes=1000,
+        handler=lambda: handler,
         in_flight=in_flight,
     )
 
@@ -341,9 +356,15 @@ def test_the_gate_checks_method_content_type_and_size():
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             json_type = {"Content-Type": JSON}
             ok = await client.post("/echo", content=b'{"a": 1}', headers=json_type)
-            assert ok.json() == {"bytes": 8}
-            assert seen["in_flight"] == 1 and in_flight.count(["/echo"]) == 0
-            assert (await client.get("/echo")).status_code == 405
+            assert ok.json() == {"type": JSON, "bytes": 8, "in_flight": 1}
+            assert in_flight.count(["/echo"]) == 0
+            untyped = await client.post("/echo", content=b"{}")  # no Content-Type: JSON
+            assert untyped.json()["type"] == JSON
+            raw = await client.post("/files", content=b"png", headers={"Content-Type": "Image/PNG"})
+            assert raw.json()["type"] == PNG
+            assert (await client.get("/livez")).text == "BentoML's own route"
+            not_post = await client.get("/echo")
+            assert not_post.status_code == 405 and not_post.headers["allow"] == "POST"
             wrong = await client.post("/echo", content=b"x", headers={"Content-Type": "text/plain"})
             assert wrong.status_code == 415
             assert wrong.json()["detail"][0]["type"] == "unsupported_media_type"
@@ -356,9 +377,146 @@ def test_the_gate_checks_method_content_type_and_size():
             chunked = await client.post("/echo", content=chunks(20), headers=json_type)
             assert chunked.status_code == 413
             small = await client.post("/echo", content=chunks(5), headers=json_type)
-            assert small.json() == {"bytes": 500}
+            assert small.json()["bytes"] == 500
+            fault = await client.post("/echo", content=b"fail", headers=json_type)
+            assert (
+                fault.status_code == 500 and fault.json()["detail"][0]["type"] == "internal_error"
+            )
+            assert in_flight.count(["/echo", "/files"]) == 0
 
     asyncio.run(main())
+
+
+# --- request parsing -------------------------------------------------------------------
+
+
+def _form(*parts: tuple[str, str | None, bytes]) -> tuple[bytes, str]:
+    body = b""
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--XyZ\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    return body + b"--XyZ--\r\n", "multipart/form-data; boundary=XyZ"
+
+
+def _kinds(error: RequestError) -> list[tuple[str, tuple]]:
+    return [(problem.type, problem.loc) for problem in error.problems]
+
+
+def test_form_parts_become_files_with_their_locations():
+    body, content_type = _form(("note", None, b"hi"), ("images", "a.png", b"A\r\nB"),
+                               ("images", "b.png", b""))  # fmt: skip
+    parts = parse_form(body, content_type, max_parts=10)
+    assert [(p.name, p.is_file, p.data) for p in parts] == [
+        ("note", False, b"hi"),
+        ("images", True, b"A\r\nB"),
+        ("images", True, b""),
+    ]
+    assert form_files(parts, "images", max_items=2) == [
+        (b"A\r\nB", ("images", 0)),
+        (b"", ("images", 1)),
+    ]
+    assert form_files(parts, "images") == [(b"A\r\nB", ("images",))]  # the first only
+    with pytest.raises(RequestError) as missing:
+        form_files(parts, "image")
+    assert _kinds(missing.value) == [("missing", ("image",))]
+    with pytest.raises(RequestError) as too_many:
+        form_files(parts, "images", max_items=1)
+    assert _kinds(too_many.value) == [("too_long", ("images",))]
+    with pytest.raises(RequestError) as text:
+        form_files(parts, "note")
+    assert _kinds(text.value) == [("not_a_file", ("note",))]
+
+
+def test_bad_forms_are_request_errors():
+    body, content_type = _form(*[("images", "a.png", b"x")] * 5)
+    with pytest.raises(RequestError) as flood:
+        parse_form(body, content_type, max_parts=4)
+    assert _kinds(flood.value) == [("too_many_parts", ("body",))]
+    cut = body[: body.index(b"--XyZ--") - 10]  # the last part never ends
+    assert len(parse_form(cut, content_type, max_parts=10)) == 4
+    with pytest.raises(RequestError) as garbage:
+        parse_form(b"--XyZ\r\nno headers end", content_type, max_parts=10)
+    assert garbage.value.problems[0].type in ("invalid_multipart",)
+    with pytest.raises(RequestError):
+        parse_form(body, "multipart/form-data", max_parts=10)
+
+
+def test_images_are_identified_and_every_bad_one_reported():
+    png = encode_png(np.zeros((28, 28), np.uint8))
+    [image] = identify_images([(png, ("image",))], max_pixels=1000)
+    assert image.size == (28, 28)
+    with pytest.raises(RequestError) as bad:
+        identify_images(
+            [(png, ("images", 0)), (b"nope", ("images", 1)), (png, ("images", 2))], max_pixels=100
+        )
+    assert _kinds(bad.value) == [
+        ("image_too_large", ("images", 0)),
+        ("invalid_image", ("images", 1)),
+        ("image_too_large", ("images", 2)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "kind"),
+    [
+        (SentimentInput, b'{"text": ""}', "string_too_short"),
+        (SentimentInput, b"{}", "missing"),
+        (SentimentInput, b"", "missing"),  # an empty body is an empty object
+        (SentimentInput, b'{"text": 5}', "string_type"),
+        (SentimentInput, b'["a"]', "model_type"),
+        (SentimentInput, b'{"text": "\xff"}', "json_invalid"),
+        (GenerateInput, b'{"n": 2.5}', "int_type"),
+        (GenerateInput, b'{"n": "3"}', "int_type"),
+        (GenerateInput, b'{"digit": 10}', "less_than_equal"),
+        (GenerateInput, b'{"grid": "yes"}', "bool_type"),
+    ],
+)
+def test_json_bodies_are_validated_against_the_documented_schema(model, body, kind):
+    with pytest.raises(RequestError) as error:
+        parse_json(model, body)
+    assert error.value.problems[0].type == kind
+
+
+def test_json_defaults_and_values():
+    assert parse_json(GenerateInput, b"").model_dump() == {
+        "n": 1, "digit": None, "seed": None, "grid": False
+    }  # fmt: skip
+    assert parse_json(SentimentInput, '{"text": "Très bien"}'.encode()).text == "Très bien"
+
+
+# --- preparing images in batches -------------------------------------------------------
+
+
+def test_batch_preparation_is_exactly_the_training_preprocessing():
+    from models.preprocessing import digit_pixels_from_image, digit_pixels_from_images
+
+    rng = np.random.default_rng(1)
+    seven = np.zeros((28, 28), np.uint8)
+    seven[5:8, 6:22] = 255
+    seven[8:24, 18:21] = 200
+    images = [Image.fromarray(seven), Image.fromarray(255 - seven), Image.new("L", (28, 28))]
+    images += [Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)) for _ in range(5)]
+    images += [Image.fromarray(rng.integers(0, 255, (40, 33), dtype=np.uint8)) for _ in range(3)]
+    images += [Image.fromarray(seven).convert("RGB"), Image.fromarray(seven).resize((600, 600))]
+    expected = np.stack([digit_pixels_from_image(image) for image in images])
+    assert np.array_equal(digit_pixels_from_images(images), expected)
+
+
+def test_a_corrupt_image_fails_alone_in_its_batch():
+    from service.inference import DigitClassification, TimedPredictor
+
+    calls = []
+    predictor = TimedPredictor(lambda rows: np.tile(np.arange(10.0), (len(rows), 1)), calls.append)
+    task = DigitClassification(predictor)
+    good = encode_png(np.full((28, 28), 200, np.uint8))
+    truncated = encode_png(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28))[:60]
+    items = [open_image(data, max_pixels=10**6) for data in (good, truncated, good)]
+    ready = DigitClassification.prepare(load_image(open_image(good, max_pixels=10**6)))
+    results = task.run_batch([*items, ready])
+    assert isinstance(results[1], ImageError) and results[1].type == "corrupt_image"
+    for index in (0, 2, 3):
+        assert results[index].shape == (10,) and results[index].argmax() == 9
+    assert len(calls) == 1 and calls[0] >= 0  # one timed model call for the three good rows
 
 
 def test_the_classifier_input_is_exactly_the_training_preprocessing():

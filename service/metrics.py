@@ -1,0 +1,66 @@
+"""The service's own Prometheus metrics, next to BentoML's on ``/metrics``.
+
+* ``serving_batch_size{endpoint}``: items (images, texts, latent vectors) per model call;
+* ``serving_model_seconds{endpoint}``: wall time inside the model call itself (the
+  predictor, without preprocessing or decoding), per model call. Its ``_sum``
+  against the server's CPU time tells how much of a request's cost is the model
+  and how much is everything around it (``bench/run.py`` reports both).
+
+Each endpoint's histogram children are looked up once, at start-up: an
+observation on the hot path is one method call, not a label lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MODEL_SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+_FAMILIES: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class EndpointMetrics:
+    """The observers of one endpoint's batcher and model."""
+
+    observe_batch_size: Callable[[float], None]
+    observe_model_seconds: Callable[[float], None]
+
+
+def endpoint_metrics(endpoints: Iterable[str]) -> dict[str, EndpointMetrics]:
+    """One ``EndpointMetrics`` per endpoint, bound to this process's histograms."""
+    batch_size, model_seconds = _families()
+    return {
+        endpoint: EndpointMetrics(
+            observe_batch_size=batch_size.labels(endpoint=endpoint).observe,
+            observe_model_seconds=model_seconds.labels(endpoint=endpoint).observe,
+        )
+        for endpoint in endpoints
+    }
+
+
+def _families() -> tuple[Any, Any]:
+    """The histogram families, created once per process.
+
+    prometheus_client is imported here, not at module level: BentoML points it
+    at its multiprocess directory only after importing the service module.
+    """
+    if not _FAMILIES:
+        import prometheus_client
+
+        _FAMILIES["batch_size"] = prometheus_client.Histogram(
+            "serving_batch_size",
+            "Items (images, texts, latent vectors) per model call",
+            ["endpoint"],
+            buckets=BATCH_SIZE_BUCKETS,
+        )
+        _FAMILIES["model_seconds"] = prometheus_client.Histogram(
+            "serving_model_seconds",
+            "Seconds spent inside the model per call (no preprocessing or decoding)",
+            ["endpoint"],
+            buckets=MODEL_SECONDS_BUCKETS,
+        )
+    return _FAMILIES["batch_size"], _FAMILIES["model_seconds"]
