@@ -283,3 +283,34 @@ def test_locustfile_parses_and_lists_its_users():
     ).stdout.split()
     for user in ("ClassifyUser", "ClassifyBatchUser", "SentimentUser", "GenerateUser", "MixedUser"):
         assert user in listed
+
+
+def test_the_peer_set_names_servers_revisions_and_relative_targets():
+    from bench.config import load_comparison_set
+    from bench.report import evaluate_targets
+
+    peers = load_comparison_set("peers")
+    servers = {config.name: config.server for config in peers.configs}
+    assert servers["service"] == "service" and servers["litserve"] == "litserve-peer"
+    assert peers.config("service-before").revision
+    assert "classify" not in peers.config("litserve").skip
+
+    def point(config, requests_per_s, p99, cpu_percent=None, model_s=None):
+        server = {"cpu_core_percent": cpu_percent, "model_s": model_s} if cpu_percent else {}
+        return {"config": config, "workload": "classify", "concurrency": 64,
+                "requests_per_s": requests_per_s, "requests": int(requests_per_s * 6),
+                "duration_s": 6.0, "errors": 0, "latency_ms": {"p50": 1.0, "p99": p99},
+                "server": server}  # fmt: skip
+
+    report = {
+        "configs": [
+            # 1,000 req/s at 100 % of a core: 1.0 ms per request, 0.2 ms of it in the model.
+            {"name": "service", "points": [point("service", 1000.0, 50.0, 100.0, 1.2)]},
+            {"name": "litserve", "points": [point("litserve", 390.0, 60.0)]},
+        ]
+    }
+    [target] = [t for t in peers.targets if t.workload == "classify" and t.concurrency == 64]
+    [result] = evaluate_targets(report, [target])
+    assert result["measured"]["ratio"] == pytest.approx(1000 / 390)
+    assert result["measured"]["outside_model_ms"] == pytest.approx(0.8)
+    assert result["met"] is False  # 0.8 ms outside the model is over the 0.35 ms bound
