@@ -134,7 +134,7 @@ class ApiGate:
             if body is None:
                 await self._too_large(send)
                 return
-            if body is _DISCONNECTED:
+            if isinstance(body, _Disconnected):
                 return  # nobody to answer
             reply = await self._answer(path, media_type, content_type or "", body)
             await send_reply(send, reply)
@@ -200,10 +200,14 @@ def _content_type_problem(
     return media_type, None
 
 
-_DISCONNECTED = b"<disconnected>"
+class _Disconnected:
+    """The client went away before its body was read."""
 
 
-async def _read_within(receive: Any, limit: int) -> bytes | None:
+_DISCONNECTED = _Disconnected()
+
+
+async def _read_within(receive: Any, limit: int) -> bytes | _Disconnected | None:
     """The whole body; None as soon as it exceeds ``limit`` bytes; ``_DISCONNECTED`` if the
     client went away first."""
     message = await receive()
