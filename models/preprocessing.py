@@ -87,18 +87,18 @@ def _white_ink_on_black(gray: np.ndarray) -> np.ndarray:
 
 
 def _fit_into_box(ink: np.ndarray) -> np.ndarray:
-    rows = np.flatnonzero((ink > INK_THRESHOLD).any(axis=1))
-    cols = np.flatnonzero((ink > INK_THRESHOLD).any(axis=0))
+    """A white-on-black ``H×W`` drawing → its 28×28 MNIST placement."""
+    marked = ink > INK_THRESHOLD
+    rows, cols = np.flatnonzero(marked.any(axis=1)), np.flatnonzero(marked.any(axis=0))
     if rows.size == 0:
-        return np.zeros((1, 1), dtype=np.float32)
-    return _resize_into_box(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+        return np.zeros((CANVAS_SIDE, CANVAS_SIDE), dtype=np.float32)
+    if max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 == DIGIT_BOX_SIDE:
+        boxes = np.array([[rows[0], rows[-1], cols[0], cols[-1]]])
+        return _place_box_sized(ink[np.newaxis], boxes)[0]
+    return _centre_by_mass(_resize_into_box(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]))
 
 
 def _resize_into_box(crop: np.ndarray) -> np.ndarray:
-    if max(crop.shape) == DIGIT_BOX_SIDE:
-        # Already box-sized (every MNIST digit): Pillow's resize to the same size is a
-        # plain copy, so skipping it changes nothing and saves most of this step.
-        return np.clip(crop, 0, 1, dtype=np.float32)
     scale = DIGIT_BOX_SIDE / max(crop.shape)
     height = max(1, round(crop.shape[0] * scale))
     width = max(1, round(crop.shape[1] * scale))
@@ -125,10 +125,43 @@ def _centre_by_mass(digit: np.ndarray) -> np.ndarray:
     return canvas
 
 
+def _place_box_sized(ink: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """``_centre_by_mass`` for drawings whose bounding box is already box-sized, many at once.
+
+    ``ink`` is ``N×H×W``; ``boxes`` holds each drawing's first and last ink row and
+    column. A box-sized crop needs no resize (Pillow's resize to the same size is a
+    copy), so only the centres of mass are computed, for the whole stack at once and
+    with the same float32 sums for one drawing as for many; each box is then copied
+    into place. Every MNIST digit takes this path.
+    """
+    count, height, width = ink.shape
+    top, bottom, left, right = (boxes[:, i, np.newaxis] for i in range(4))
+    row_index, col_index = np.arange(height), np.arange(width)
+    in_box = ((row_index >= top) & (row_index <= bottom))[:, :, np.newaxis] & (
+        (col_index >= left) & (col_index <= right)
+    )[:, np.newaxis, :]
+    digit = np.where(in_box, ink, np.float32(0))
+    mass = digit.sum(axis=(1, 2))
+    centre_row = (digit.sum(axis=2) * (row_index - top)).sum(axis=1) / mass
+    centre_col = (digit.sum(axis=1) * (col_index - left)).sum(axis=1) / mass
+    # The same placement as _centre_by_mass: rounded, clipped so the digit stays in frame.
+    box_height, box_width = bottom[:, 0] - top[:, 0] + 1, right[:, 0] - left[:, 0] + 1
+    place_top = np.clip(np.round(CANVAS_SIDE / 2 - 0.5 - centre_row), 0, CANVAS_SIDE - box_height)
+    place_left = np.clip(np.round(CANVAS_SIDE / 2 - 0.5 - centre_col), 0, CANVAS_SIDE - box_width)
+    canvas = np.zeros((count, CANVAS_SIDE, CANVAS_SIDE), dtype=np.float32)
+    placements = zip(
+        place_top.astype(int).tolist(), place_left.astype(int).tolist(), boxes.tolist(), strict=True
+    )
+    for k, (row, col, (first_row, last_row, first_col, last_col)) in enumerate(placements):
+        box = digit[k, first_row : last_row + 1, first_col : last_col + 1]
+        canvas[k, row : row + box.shape[0], col : col + box.shape[1]] = box
+    return canvas
+
+
 def digit_pixels_from_image(image: Image.Image) -> np.ndarray:
     """Any image → ``28×28`` float32 pixels in ``[0, 1]``, MNIST style (before normalisation)."""
     gray = _grayscale_unit(_shrink(image))
-    return _centre_by_mass(_fit_into_box(_white_ink_on_black(gray)))
+    return _fit_into_box(_white_ink_on_black(gray))
 
 
 def digit_pixels_from_images(images: Sequence[Image.Image]) -> np.ndarray:
@@ -154,12 +187,15 @@ def digit_pixels_from_images(images: Sequence[Image.Image]) -> np.ndarray:
         rows_marked, cols_marked = marked.any(axis=2), marked.any(axis=1)
         top, bottom = _first_and_last(rows_marked)
         left, right = _first_and_last(cols_marked)
-        for k, index in enumerate(indices):
-            if not rows_marked[k].any():
-                pixels[index] = _centre_by_mass(np.zeros((1, 1), dtype=np.float32))
-                continue
-            crop = ink[k, top[k] : bottom[k] + 1, left[k] : right[k] + 1]
-            pixels[index] = _centre_by_mass(_resize_into_box(crop))
+        box_sized = rows_marked.any(axis=1) & (
+            np.maximum(bottom - top, right - left) + 1 == DIGIT_BOX_SIDE
+        )
+        if box_sized.any():
+            boxes = np.stack([top, bottom, left, right], axis=1)[box_sized]
+            placed = _place_box_sized(ink[box_sized], boxes)
+            pixels[np.asarray(indices)[box_sized]] = placed
+        for k in np.flatnonzero(~box_sized):
+            pixels[indices[k]] = _fit_into_box(ink[k])
     return pixels
 
 
