@@ -69,9 +69,10 @@ class TimedPredictor:
         return self.predictor.describe()
 
 
-# An item of a classification batch: an identified image still to decode, or a
-# row that was already prepared (a large upload, decoded off the batcher's thread).
-ImageItem = Image.Image | np.ndarray
+# An item of a classification batch: an identified image still to decode, a row that
+# was already prepared (a large upload, decoded off the batcher's thread), or the
+# ImageError of an upload that already failed.
+ImageItem = Image.Image | np.ndarray | ImageError
 
 
 class DigitClassification:
@@ -92,13 +93,13 @@ class DigitClassification:
 
     @staticmethod
     def decode_and_prepare(images: Sequence[ImageItem]) -> list[np.ndarray | ImageError]:
-        """Identified images (or ready rows) → one row each, or the ``ImageError`` of a
-        corrupt one, which fails only its own item."""
+        """Identified images (or ready rows, or errors) → one row each, or the
+        ``ImageError`` of a corrupt one, which fails only its own item."""
         results: list[np.ndarray | ImageError] = list(images)
         decoded: list[Image.Image] = []
         positions: list[int] = []
         for index, item in enumerate(images):
-            if isinstance(item, np.ndarray):
+            if not isinstance(item, Image.Image):
                 continue
             try:
                 decoded.append(load_image(item))

@@ -30,7 +30,7 @@ import asyncio
 import base64
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import bentoml
@@ -50,7 +50,7 @@ from service.backends import (
 from service.batching import AdaptiveBatcher, QueueFull
 from service.errors import Location, Problem, RequestError, ServiceBusy
 from service.http import IMAGE_TYPES, IN_FLIGHT, JSON, MULTIPART, PNG, ApiGate, Reply
-from service.imaging import ImageError, encode_png, grid_png
+from service.imaging import ImageError, encode_png, grid_png, open_image
 from service.inference import (
     DigitClassification,
     DigitGeneration,
@@ -381,8 +381,18 @@ class ServingService:
     # --- the work behind both --------------------------------------------------------
 
     async def _classify(self, files: Sequence[tuple[bytes, Location]]) -> list[dict]:
+        locations = [loc for _, loc in files]
+        batch = self.batchers["classify"].max_batch_size
+        if len(files) > batch:
+            # Even reading the headers of a thousand uploads takes tens of milliseconds:
+            # that too happens on the worker thread, chunk by chunk, beside the model.
+            max_pixels = self.limits.max_image_pixels
+            results = await self._classify_in_chunks(
+                files, batch, lambda chunk: _identify_and_prepare(chunk, max_pixels)
+            )
+            return _digit_predictions(results, locations)
         images = identify_images(files, max_pixels=self.limits.max_image_pixels)
-        return await self._classify_images(images, [loc for _, loc in files])
+        return await self._classify_images(images, locations)
 
     async def _classify_images(
         self, images: Sequence[Image.Image], locations: Sequence[Location]
@@ -398,23 +408,22 @@ class ServingService:
         if len(images) <= batch and not any(_is_large(image) for image in images):
             results = await self._submit("classify", images)
         else:
-            results = await self._classify_in_chunks(images, batch)
-        problems = [
-            Problem(result.type, result.message, loc)
-            for result, loc in zip(results, locations, strict=True)
-            if isinstance(result, ImageError)
-        ]
-        if problems:
-            raise RequestError(problems)
-        return [_digit_prediction(probabilities) for probabilities in results]
+            results = await self._classify_in_chunks(
+                images, batch, DigitClassification.decode_and_prepare
+            )
+        return _digit_predictions(results, locations)
 
-    async def _classify_in_chunks(self, images: Sequence[Image.Image], size: int) -> list[Any]:
+    async def _classify_in_chunks(
+        self, items: Sequence[Any], size: int, prepare: Callable[[Sequence[Any]], list[Any]]
+    ) -> list[Any]:
+        """``prepare`` each chunk of ``items`` into rows on a worker thread while the model
+        runs the chunks before it; any ``ImageError`` stops further model work."""
         pending: list[tuple[int, asyncio.Future[list[Any]]]] = []
-        results: list[Any] = [None] * len(images)
+        results: list[Any] = [None] * len(items)
         try:
-            for start in range(0, len(images), size):
-                chunk = images[start : start + size]
-                rows = await asyncio.to_thread(DigitClassification.decode_and_prepare, chunk)
+            for start in range(0, len(items), size):
+                chunk = items[start : start + size]
+                rows = await asyncio.to_thread(prepare, chunk)
                 results[start : start + len(rows)] = rows
                 if not any(isinstance(row, ImageError) for row in results):
                     pending.append((start, asyncio.ensure_future(self._submit("classify", rows))))
@@ -472,6 +481,31 @@ def _placement(key: str, device: torch.device) -> Placement:
         precision=resolve_precision(model, backend, device.type),
         threads=SETTINGS.threads_per_model(),
     )
+
+
+def _identify_and_prepare(
+    files: Sequence[tuple[bytes, Location]], max_pixels: int
+) -> list[np.ndarray | ImageError]:
+    """Uploaded bytes → one model row each, or the ``ImageError`` of a bad upload."""
+    items: list[Any] = []
+    for data, _ in files:
+        try:
+            items.append(open_image(data, max_pixels=max_pixels))
+        except ImageError as error:
+            items.append(error)
+    return DigitClassification.decode_and_prepare(items)
+
+
+def _digit_predictions(results: Sequence[Any], locations: Sequence[Location]) -> list[dict]:
+    """Probabilities per item → predictions; every failed item is reported at once."""
+    problems = [
+        Problem(result.type, result.message, loc)
+        for result, loc in zip(results, locations, strict=True)
+        if isinstance(result, ImageError)
+    ]
+    if problems:
+        raise RequestError(problems)
+    return [_digit_prediction(probabilities) for probabilities in results]
 
 
 def _is_large(image: Image.Image) -> bool:

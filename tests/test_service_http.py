@@ -325,6 +325,22 @@ def test_bad_uploads(server, case):
     assert status == 400 and error["detail"][0]["loc"] == ["images", 1]
 
 
+def test_a_request_over_one_batch_reports_every_bad_upload(server, mnist_test_digits):
+    # More images than one batch take the chunked path, where headers are read off the
+    # event loop chunk by chunk: the answer still lists every bad file, wherever it is.
+    images, _ = mnist_test_digits
+    files = [encode(p, "PNG") for p in images[:MAX_ITEMS]]
+    files[1] = _jpeg()[:400]
+    files[-1] = b"hello, world"
+    status, error = post_files(server, "/classify_batch", "images", files)
+    assert status == 400
+    problems = [(problem["type"], problem["loc"]) for problem in error["detail"]]
+    assert problems == [
+        ("corrupt_image", ["images", 1]),
+        ("invalid_image", ["images", MAX_ITEMS - 1]),
+    ]
+
+
 def test_a_valid_image_with_a_misleading_part_type_is_classified(server, mnist_test_digits):
     images, _ = mnist_test_digits
     png = encode(images[0], "PNG")
