@@ -217,10 +217,9 @@ class ServingService:
     def _log_summary(self, stored: dict, artifacts: dict, predictors: dict) -> None:
         """One start-up summary a production user can check the deployment against."""
         log.info(
-            "device %s (%s), %d thread(s) per model, %d worker(s)",
+            "device %s (%s), %d worker(s)",
             self.device,
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU",
-            SETTINGS.threads_per_model(),
             SETTINGS.workers,
         )
         for key, model in stored.items():
@@ -479,7 +478,7 @@ def _placement(key: str, device: torch.device) -> Placement:
         backend=backend,
         device=device,
         precision=resolve_precision(model, backend, device.type),
-        threads=SETTINGS.threads_per_model(),
+        threads=SETTINGS.threads_per_model(key),
     )
 
 

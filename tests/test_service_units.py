@@ -59,6 +59,11 @@ def test_settings_defaults_and_overrides():
     assert settings.limits.max_text_chars == 100
     assert settings.threads_per_model(cpu_count=16) == 3  # a core per worker is left to HTTP
     assert settings.threads_per_model(cpu_count=2) == 1
+    # The convolutional models take the worker's whole share; the LSTM leaves a core.
+    assert settings.threads_per_model("classifier", cpu_count=16) == 4
+    assert settings.threads_per_model("sentiment", cpu_count=16) == 3
+    assert Settings.from_env({}).threads_per_model("generator", cpu_count=2) == 2
+    assert Settings.from_env({"SERVING_THREADS": "1"}).threads_per_model("generator") == 1
     batching = settings.resolve_batching("cpu")
     assert batching["classify"].max_batch_size == 16
     assert batching["generate"].max_latency_ms == 0
