@@ -60,7 +60,16 @@ def write_json(path: Path, payload: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+    """A JSON file's content; a damaged file is an ``ArtifactError`` that names it."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ArtifactError(
+            f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno});"
+            " the file is truncated or damaged"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise ArtifactError(f"{path}: not UTF-8 ({error.reason}); the file is damaged") from None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -98,8 +107,8 @@ def verify_checksums(directory: Path, metadata: Mapping[str, Any]) -> None:
         actual = sha256_of(path)
         if actual != expected:
             raise ArtifactError(
-                f"{path}: sha256 {actual[:12]}… does not match {expected[:12]}… recorded in "
-                f"{METADATA_FILE}; the file is corrupt or was changed after it was written"
+                f"{path}: sha256 is {actual}, {METADATA_FILE} records {expected}; the file is "
+                "corrupt or was changed after it was written"
             )
 
 

@@ -26,6 +26,7 @@ from models.artifacts import (
 from models.registry import MNIST_CLASSIFIER, REGISTRY, get_spec
 from training import export
 from training.common import save_trained_model
+from training.register import main as register_main
 from training.register import register_artifact
 
 SPEC = get_spec(MNIST_CLASSIFIER)
@@ -70,7 +71,8 @@ def test_export_records_every_file_with_its_checksum(artifact_dir):
 @pytest.mark.parametrize("filename", [ONNX_FILE, WEIGHTS_FILE])
 def test_a_flipped_byte_is_detected_and_the_file_named(artifact_dir, filename):
     flip_one_byte(artifact_dir / filename)
-    with pytest.raises(ArtifactError, match=rf"{filename}: sha256 .* does not match"):
+    with pytest.raises(ArtifactError, match=rf"{filename}: sha256 is [0-9a-f]{{64}}, metadata.json"
+                       rf" records [0-9a-f]{{64}}"):  # fmt: skip
         load_artifact(artifact_dir)
 
 
@@ -80,6 +82,22 @@ def test_a_truncated_file_is_detected(artifact_dir, filename):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ArtifactError, match=filename):
         SPEC.load_artifact(artifact_dir)
+
+
+@pytest.mark.parametrize("filename", ["metadata.json", "config.json"])
+def test_a_truncated_json_file_is_named(artifact_dir, filename):
+    path = artifact_dir / filename
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(ArtifactError, match=rf"{filename}: not valid JSON .* truncated or damaged"):
+        load_artifact(artifact_dir, verify=False)
+
+
+def test_registration_reports_a_damaged_artifact_in_one_line(artifact_dir, capsys):
+    flip_one_byte(artifact_dir / WEIGHTS_FILE)
+    assert register_main(["--model", SPEC.name, "--artifacts-dir", str(artifact_dir.parent)]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"register: {SPEC.name}: ") and WEIGHTS_FILE in line
+    assert line.count("sha256") == 1 and "Traceback" not in line
 
 
 def test_a_missing_file_is_detected(artifact_dir):

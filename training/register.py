@@ -20,12 +20,13 @@ import argparse
 import logging
 import platform
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import bentoml
 
-from models.artifacts import METADATA_FILE, ONNX_FILE, ONNX_FILES, Artifact
+from models.artifacts import METADATA_FILE, ONNX_FILE, ONNX_FILES, Artifact, ArtifactError
 from models.registry import REGISTRY, ModelSpec, get_spec, store_version
 from training.common import add_model_selection_arguments
 
@@ -140,9 +141,19 @@ def register_artifact(spec: ModelSpec, artifact_dir: Path | None = None) -> bent
     return tag
 
 
+class RegistrationError(RuntimeError):
+    """One model could not be registered; the message names the model and the file."""
+
+
 def register_all(names: list[str] | None = None, root: Path | None = None) -> list[bentoml.Tag]:
     specs = [get_spec(name) for name in names] if names else list(REGISTRY.values())
-    return [register_artifact(spec, spec.artifact_dir(root)) for spec in specs]
+    tags = []
+    for spec in specs:
+        try:
+            tags.append(register_artifact(spec, spec.artifact_dir(root)))
+        except ArtifactError as error:
+            raise RegistrationError(f"{spec.name}: {error}") from error
+    return tags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     add_model_selection_arguments(parser, "register")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for tag in register_all(args.model, args.artifacts_dir):
+    try:
+        tags = register_all(args.model, args.artifacts_dir)
+    except RegistrationError as error:
+        # A damaged artifact is the operator's to fix, not a bug: one line, no traceback.
+        print(f"register: {error}", file=sys.stderr)
+        return 1
+    for tag in tags:
         print(tag)
     return 0
 
