@@ -8,12 +8,18 @@
 
 Each endpoint's histogram children are looked up once, at start-up: an
 observation on the hot path is one method call, not a label lookup.
+
+``use_instance_folder`` gives each running service its own Prometheus
+multiprocess folder (see there).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -64,3 +70,41 @@ def _families() -> tuple[Any, Any]:
             buckets=MODEL_SECONDS_BUCKETS,
         )
     return _FAMILIES["batch_size"], _FAMILIES["model_seconds"]
+
+
+def use_instance_folder() -> Path | None:
+    """Point this ``bentoml serve`` at a Prometheus multiprocess folder of its own.
+
+    BentoML keeps one folder per ``BENTOML_HOME`` and empties it whenever a
+    server starts, so a second service started on the same host deleted the
+    first one's metric files, and the first one's ``/metrics`` then reported the
+    other's counters. Each server process now gets ``BENTOML_HOME/prometheus/<pid>``
+    (its workers inherit it through ``PROMETHEUS_MULTIPROC_DIR``), and the
+    folders of servers that are no longer running are removed.
+
+    Called when the service module is imported, which ``bentoml serve`` does
+    before it prepares the folder; in a worker, which already has its folder,
+    and in any other process that imports the service, it changes nothing.
+    """
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        return None
+    # BentoML's container is the one place that says where the server's folder is.
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    root = Path(BentoMLContainer.bentoml_home.get()) / "prometheus"
+    for stale in root.glob("*"):
+        if stale.name.isdigit() and not _process_exists(int(stale.name)):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = root / str(os.getpid())
+    BentoMLContainer.prometheus_multiproc_dir.set(str(folder))
+    return folder
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -59,7 +59,7 @@ from service.inference import (
     SentimentClassification,
     TimedPredictor,
 )
-from service.metrics import endpoint_metrics
+from service.metrics import endpoint_metrics, use_instance_folder
 from service.model_store import load_stored_artifact, resolve_tag
 from service.requests import (
     GenerateInput,
@@ -92,6 +92,8 @@ from service.settings import (
 
 log = logging.getLogger("service")
 
+# Before `bentoml serve` prepares its metrics folder: one folder per running service.
+use_instance_folder()
 SETTINGS = current_settings()
 TAGS = {
     key: resolve_tag(get_spec(name), SETTINGS.models[key].tag) for key, name in MODEL_KEYS.items()

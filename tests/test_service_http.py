@@ -121,6 +121,20 @@ def test_health_metrics_and_openapi(server):
         assert f'endpoint="{route}"' in text, route  # BentoML's per-endpoint request metrics
 
 
+def test_a_second_service_on_the_host_leaves_the_first_ones_metrics_alone(
+    server, serve, mnist_test_digits
+):
+    images, _ = mnist_test_digits
+    assert post_files(server, "/classify", "image", [encode(images[0], "PNG")])[0] == 200
+    counted = batch_histogram(server)["classify"]["sum"]
+    other = serve("service.service:ServingService", SERVER_ENV)  # same BENTOML_HOME
+    try:
+        assert batch_histogram(other).get("classify", {}).get("sum", 0.0) == 0.0
+        assert batch_histogram(server)["classify"]["sum"] == counted
+    finally:
+        other.stop()
+
+
 # --- right answers ---------------------------------------------------------------------
 
 
