@@ -109,6 +109,11 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
     def active_requests(self) -> int:
         return self._active_requests
 
+    @property
+    def is_full(self) -> bool:
+        """No request can be queued now (``submit`` would raise ``QueueFull``)."""
+        return self._queued_items >= self.max_queue_items
+
     async def submit(self, items: Sequence[ItemT]) -> list[ResultT]:
         """Queue one request's items; return their results in the same order."""
         if not items:
@@ -131,6 +136,11 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
             return await job.future
         finally:
             self._active_requests -= 1
+            if job.future.cancelled():
+                # The caller has gone: its items stop counting against the queue at once
+                # and are skipped when they reach its head; none joins a later batch.
+                self._queued_items -= len(job.items) - job.next_index
+                job.next_index = len(job.items)
 
     def close(self) -> None:
         if self._consumer is not None:

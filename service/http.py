@@ -19,18 +19,26 @@ For an API route the gate
   boundary, with 415;
 * answers a body over the limit with 413: from ``Content-Length`` before
   reading, or while reading a chunked body;
+* asks the service whether it would refuse the request anyway (its queue is
+  full) and if so answers 503 before reading the body, so that refusing costs
+  almost nothing and the server's time goes to the requests it serves;
 * counts the request as in flight (``InFlight``) while it is received and
   served: a batcher waits for a fuller batch only while some of those have not
   reached it yet;
-* hands the whole body to the service's ``handle`` and sends its ``Reply``.
+* hands the whole body to the service's ``handle`` and sends its ``Reply``;
+* watches the connection meanwhile: a client that disconnects has its work
+  cancelled (its queued items are dropped before they reach a model), and is
+  logged as one INFO line, at most one per ``DisconnectLog.interval_s``.
 
 Errors have the service's JSON shape (``service.errors``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -66,10 +74,40 @@ class Reply:
         return cls(error.status, orjson.dumps(error.body()), headers=error.headers())
 
 
+# The answer to a client that has gone. The server drops it unsent; it still ends the
+# request for the middleware around the gate: BentoML's request metrics count it under
+# 499 (nginx's "client closed request") and its timeout stops waiting for an answer.
+CLIENT_GONE = Reply(499, orjson.dumps(error_body("client_closed_request", "the client left")))
+
+
 class ApiHandler(Protocol):
     async def handle(self, path: str, media_type: str, content_type: str, body: bytes) -> Reply:
         """Answer one API request; ``media_type`` is the lower-cased type of ``content_type``."""
         ...
+
+    def refusal(self, path: str) -> Reply | None:
+        """The answer to any request for ``path`` right now if it cannot take one (503)."""
+        ...
+
+
+class DisconnectLog:
+    """Clients that leave before their answer are traffic, not faults: one INFO line
+    per ``interval_s`` at most, counting every departure since the previous line."""
+
+    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.interval_s = interval_s
+        self._clock = clock
+        self._unreported = 0
+        self._last_line = -float("inf")
+
+    def note(self, path: str, stage: str) -> None:
+        self._unreported += 1
+        now = self._clock()
+        if now - self._last_line >= self.interval_s:
+            log.info("%d client(s) disconnected before their answer (the latest on %s, %s)",
+                     self._unreported, path, stage)  # fmt: skip
+            self._unreported = 0
+            self._last_line = now
 
 
 class InFlight:
@@ -103,12 +141,14 @@ class ApiGate:
         max_body_bytes: int,
         handler: Callable[[], ApiHandler],
         in_flight: InFlight = IN_FLIGHT,
+        disconnects: DisconnectLog | None = None,
     ) -> None:
         self.app = app
         self.routes = dict(routes)
         self.max_body_bytes = max_body_bytes
         self.handler = handler
         self.in_flight = in_flight
+        self.disconnects = disconnects or DisconnectLog()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or (accepted := self.routes.get(scope["path"])) is None:
@@ -128,6 +168,10 @@ class ApiGate:
         if content_length is not None and content_length > self.max_body_bytes:
             await self._too_large(send)
             return
+        handler = self.handler()
+        if (refusal := handler.refusal(path)) is not None:
+            await send_reply(send, refusal)  # the body is never read: uvicorn discards it
+            return
         self.in_flight.enter(path)
         try:
             body = await _read_within(receive, self.max_body_bytes)
@@ -135,15 +179,58 @@ class ApiGate:
                 await self._too_large(send)
                 return
             if isinstance(body, _Disconnected):
-                return  # nobody to answer
-            reply = await self._answer(path, media_type, content_type or "", body)
+                self.disconnects.note(path, "while sending the body")
+                reply = CLIENT_GONE
+            else:
+                reply = await self._answer_while_connected(
+                    handler, receive, path, media_type, content_type or "", body
+                )
+                if reply is None:
+                    self.disconnects.note(path, "while the request was served")
+                    reply = CLIENT_GONE
             await send_reply(send, reply)
         finally:
             self.in_flight.leave(path)
 
-    async def _answer(self, path: str, media_type: str, content_type: str, body: bytes) -> Reply:
+    async def _answer_while_connected(
+        self, handler: ApiHandler, receive: Any, path: str, *request: Any
+    ) -> Reply | None:
+        """The handler's reply, or None if the client disconnected first.
+
+        Once the body is read, the server's ``receive`` returns only when the
+        client disconnects (or the answer is complete). A watcher waits for that
+        and cancels this task, which cancels the work where it waits: queued
+        items leave the batcher's queue and never reach a model.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        gone = finished = False
+
+        def on_message(watcher: asyncio.Future) -> None:
+            nonlocal gone
+            # A callback already scheduled when the work finished must not cancel the reply.
+            if not finished and not watcher.cancelled() and watcher.exception() is None:
+                gone = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(receive())
+        watcher.add_done_callback(on_message)
         try:
-            return await self.handler().handle(path, media_type, content_type, body)
+            return await self._answer(handler, path, *request)
+        except asyncio.CancelledError:
+            if not gone:
+                raise  # cancelled from outside (the request timeout, shutdown)
+            task.uncancel()
+            return None
+        finally:
+            finished = True
+            watcher.cancel()
+
+    async def _answer(
+        self, handler: ApiHandler, path: str, media_type: str, content_type: str, body: bytes
+    ) -> Reply:
+        try:
+            return await handler.handle(path, media_type, content_type, body)
         except Exception:
             # A fault of the server, not of the request: log it, answer 500 in the
             # service's error shape, and keep serving.

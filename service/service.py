@@ -113,6 +113,7 @@ BATCHER_ROUTES = {
     "generate": ("/generate",),
 }
 MODEL_ENDPOINTS = {"classifier": "classify", "sentiment": "sentiment", "generator": "generate"}
+ROUTE_ENDPOINTS = {route: name for name, routes in BATCHER_ROUTES.items() for route in routes}
 # An image larger than this is decoded on a worker thread rather than in the
 # batcher's, so that it does not hold up the other requests' batches.
 INLINE_DECODE_PIXELS = 1_000_000
@@ -269,6 +270,15 @@ class ServingService:
         return False
 
         # --- the HTTP path (service.http.ApiGate calls this for every API request) ---------
+
+    def refusal(self, path: str) -> Reply | None:
+        """A 503 for ``path`` while its queue has no room, before anything is read."""
+        batcher = self.batchers[ROUTE_ENDPOINTS[path]]
+        if not batcher.is_full:
+            return None
+        return Reply.error(
+            ServiceBusy(f"the server is busy ({batcher.name}: the queue is full); retry shortly")
+        )
 
     async def handle(self, path: str, media_type: str, content_type: str, body: bytes) -> Reply:
         """Answer one request to an API route; the gate has checked method, type and size."""

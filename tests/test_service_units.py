@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import struct
 import time
 import zlib
@@ -19,8 +20,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from service.batching import AdaptiveBatcher, QueueFull
-from service.errors import Problem, RequestError
-from service.http import JSON, MULTIPART, PNG, ApiGate, InFlight, Reply
+from service.errors import Problem, RequestError, ServiceBusy
+from service.http import JSON, MULTIPART, PNG, ApiGate, DisconnectLog, InFlight, Reply
 from service.imaging import ImageError, encode_png, grid_png, load_image, open_image
 from service.requests import (
     GenerateInput,
@@ -328,10 +329,21 @@ class EchoHandler:
 
     def __init__(self, in_flight: InFlight) -> None:
         self.in_flight = in_flight
+        self.busy = False
+        self.cancelled = 0
+
+    def refusal(self, path: str) -> Reply | None:
+        return Reply.error(ServiceBusy("the queue is full")) if self.busy else None
 
     async def handle(self, path: str, media_type: str, content_type: str, body: bytes) -> Reply:
         if body == b"fail":
             raise RuntimeError("a server fault")
+        if body == b"slow":
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         in_flight = self.in_flight.count([path])
         return Reply.json({"type": media_type, "bytes": len(body), "in_flight": in_flight})
 
@@ -388,6 +400,62 @@ def test_the_gate_checks_method_content_type_and_size_then_hands_over_the_body()
                 fault.status_code == 500 and fault.json()["detail"][0]["type"] == "internal_error"
             )
             assert in_flight.count(["/echo", "/files"]) == 0
+            handler.busy = True
+            refused = await client.post("/echo", content=b"{}", headers=json_type)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["detail"][0]["type"] == "overloaded"
+            handler.busy = False
+
+    asyncio.run(main())
+
+
+def test_the_gate_cancels_the_work_of_a_client_that_disconnects(caplog):
+    in_flight = InFlight()
+    handler = EchoHandler(in_flight)
+    clock = [0.0]
+    gate = ApiGate(
+        None,
+        routes={"/echo": (JSON,)},
+        max_body_bytes=1000,
+        handler=lambda: handler,
+        in_flight=in_flight,
+        disconnects=DisconnectLog(interval_s=10, clock=lambda: clock[0]),
+    )
+    scope = {"type": "http", "path": "/echo", "method": "POST",
+             "headers": [(b"content-type", b"application/json")]}  # fmt: skip
+
+    async def request(body: bytes, leave_after_s: float | None) -> list[dict]:
+        """Send ``body``; the client disconnects after ``leave_after_s`` (None: it waits)."""
+        sent: list[dict] = []
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop()
+            if leave_after_s is None:
+                await asyncio.Event().wait()  # never: the answer comes first
+            await asyncio.sleep(leave_after_s)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await asyncio.wait_for(gate(scope, receive, send), timeout=5)
+        return sent
+
+    async def main():
+        with caplog.at_level(logging.INFO, logger="service.http"):
+            for _ in range(3):
+                gone = await request(b"slow", leave_after_s=0.01)
+                assert gone[0]["status"] == 499  # not sent by the server; ends the request
+            clock[0] = 11.0
+            await request(b"slow", leave_after_s=0.01)
+        assert handler.cancelled == 4 and in_flight.count(["/echo"]) == 0
+        # One line per interval at most, counting every departure since the last line.
+        lines = [r.getMessage() for r in caplog.records if "disconnected" in r.getMessage()]
+        assert len(lines) == 2 and lines[1].startswith("3 client(s) disconnected")
+        answered = await request(b"{}", leave_after_s=None)
+        assert answered[0]["status"] == 200
 
     asyncio.run(main())
 
