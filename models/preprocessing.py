@@ -66,10 +66,17 @@ def _grayscale_unit(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 
 
-def _shrink(image: Image.Image) -> Image.Image:
+def shrink_to_working_size(image: Image.Image) -> Image.Image:
+    """At most ``WORKING_SIDE`` pixels per side (box filter); smaller images unchanged.
+
+    The service calls this right after decoding a large upload, so that only the
+    small copy outlives the decode; preprocessing then finds nothing to shrink.
+    """
     if max(image.size) <= WORKING_SIDE:
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F", "1", "P"):
+    if image.mode == "1":
+        image = image.convert("L")  # what RGBA would give, in a quarter of the memory
+    elif image.mode in ("I;16", "I;16B", "I;16L", "I", "F", "P"):
         image = image.convert("F" if image.mode.startswith("I") or image.mode == "F" else "RGBA")
     scale = WORKING_SIDE / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -160,7 +167,7 @@ def _place_box_sized(ink: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 def digit_pixels_from_image(image: Image.Image) -> np.ndarray:
     """Any image → ``28×28`` float32 pixels in ``[0, 1]``, MNIST style (before normalisation)."""
-    gray = _grayscale_unit(_shrink(image))
+    gray = _grayscale_unit(shrink_to_working_size(image))
     return _fit_into_box(_white_ink_on_black(gray))
 
 

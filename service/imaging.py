@@ -66,11 +66,20 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     return image
 
 
+def decoded_pixels(image: Image.Image) -> int:
+    """The pixels ``load_image`` will decompress, known from the header alone.
+
+    A large JPEG is first set to decode at a reduced scale (DCT scaling: 1/2,
+    1/4 or 1/8, never below ``WORKING_SIDE``), which Pillow reflects in ``size``.
+    """
+    if image.format == "JPEG" and max(image.size) > 2 * WORKING_SIDE:
+        image.draft(image.mode, (WORKING_SIDE, WORKING_SIDE))
+    return image.width * image.height
+
+
 def load_image(image: Image.Image) -> Image.Image:
     """Decompress the first frame; a corrupt or truncated file raises ``ImageError``."""
-    if image.format == "JPEG" and max(image.size) > 2 * WORKING_SIDE:
-        # DCT scaling: decode at 1/2, 1/4 or 1/8 size, never below WORKING_SIDE.
-        image.draft(image.mode, (WORKING_SIDE, WORKING_SIDE))
+    decoded_pixels(image)
     try:
         image.load()
     except Exception as error:  # OSError for truncation, SyntaxError/ValueError for corruption

@@ -32,15 +32,18 @@ import torch
 from PIL import Image
 
 from models.preprocessing import (
+    WORKING_SIDE,
     digit_pixels_from_images,
     digits_from_generator_output,
     encode_texts,
     latent_batch,
     normalize_digits,
+    shrink_to_working_size,
 )
 from models.tokenizer import Vocabulary, tokenize
 from service.backends import Predictor
-from service.imaging import ImageError, load_image
+from service.imaging import ImageError, decoded_pixels, load_image
+from service.memory import PixelBudget
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +72,19 @@ class TimedPredictor:
         return self.predictor.describe()
 
 
-# An item of a classification batch: an identified image still to decode, a row that
-# was already prepared (a large upload, decoded off the batcher's thread), or the
-# ImageError of an upload that already failed.
-ImageItem = Image.Image | np.ndarray | ImageError
+# An item of a classification batch: an identified image still to decode, or a
+# row that was already prepared (a large upload, decoded off the batcher's thread).
+ImageItem = Image.Image | np.ndarray
 
 
 class DigitClassification:
     """Images → ``1×28×28`` normalised pixels → probabilities of the ten digits."""
 
-    def __init__(self, predictor: Predictor | TimedPredictor) -> None:
+    def __init__(
+        self, predictor: Predictor | TimedPredictor, decode_budget: PixelBudget | None = None
+    ) -> None:
         self.predictor = predictor
+        self.decode_budget = decode_budget
 
     @staticmethod
     def prepare(image: Image.Image) -> np.ndarray:
@@ -91,10 +96,9 @@ class DigitClassification:
         """Decoded images → ``N×1×28×28`` model input, the preprocessing of training."""
         return normalize_digits(digit_pixels_from_images(images))[:, np.newaxis]
 
-    @staticmethod
-    def decode_and_prepare(images: Sequence[ImageItem]) -> list[np.ndarray | ImageError]:
-        """Identified images (or ready rows, or errors) → one row each, or the
-        ``ImageError`` of a corrupt one, which fails only its own item."""
+    def decode_and_prepare(self, images: Sequence[ImageItem]) -> list[np.ndarray | ImageError]:
+        """Identified images (or ready rows) → one row each, or the ``ImageError`` of a
+        corrupt one, which fails only its own item."""
         results: list[np.ndarray | ImageError] = list(images)
         decoded: list[Image.Image] = []
         positions: list[int] = []
@@ -102,7 +106,7 @@ class DigitClassification:
             if not isinstance(item, Image.Image):
                 continue
             try:
-                decoded.append(load_image(item))
+                decoded.append(self._decode(item))
                 positions.append(index)
             except ImageError as error:
                 results[index] = error
@@ -116,6 +120,17 @@ class DigitClassification:
             for index, row in zip(positions, rows, strict=True):
                 results[index] = row
         return results
+
+    def _decode(self, image: Image.Image) -> Image.Image:
+        """Decompress one image; a large one within the worker's decode budget, and
+        shrunk at once, so that only the small copy outlives this call."""
+        pixels = decoded_pixels(image)
+        if pixels <= WORKING_SIDE * WORKING_SIDE or self.decode_budget is None:
+            return load_image(image)
+        with self.decode_budget.hold(pixels):
+            small = shrink_to_working_size(load_image(image))
+            image.close()  # the full-size pixels go now, not when the request ends
+            return small
 
     def run_batch(self, items: list[ImageItem]) -> list[np.ndarray | ImageError]:
         results: list = self.decode_and_prepare(items)

@@ -31,7 +31,7 @@ import base64
 import gc
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import bentoml
@@ -51,7 +51,7 @@ from service.backends import (
 from service.batching import AdaptiveBatcher, QueueFull
 from service.errors import Location, Problem, RequestError, ServiceBusy
 from service.http import IMAGE_TYPES, IN_FLIGHT, JSON, MULTIPART, PNG, ApiGate, Reply
-from service.imaging import ImageError, encode_png, grid_png, open_image
+from service.imaging import ImageError, decoded_pixels, encode_png, grid_png
 from service.inference import (
     DigitClassification,
     DigitGeneration,
@@ -59,6 +59,7 @@ from service.inference import (
     SentimentClassification,
     TimedPredictor,
 )
+from service.memory import PixelBudget, RequestPixels, return_freed_memory_promptly
 from service.metrics import endpoint_metrics, use_instance_folder
 from service.model_store import load_stored_artifact, resolve_tag
 from service.requests import (
@@ -162,7 +163,10 @@ class ServingService:
             for key in stored
         }
 
-        self.classification = DigitClassification(predictors["classifier"])
+        return_freed_memory_promptly()
+        self.classification = DigitClassification(
+            predictors["classifier"], PixelBudget(settings.limits.max_decode_pixels)
+        )
         self.sentiment_task = SentimentClassification(
             predictors["sentiment"],
             Vocabulary.load(artifacts["sentiment"].path("vocab.json")),
@@ -399,16 +403,14 @@ class ServingService:
 
     async def _classify(self, files: Sequence[tuple[bytes, Location]]) -> list[dict]:
         locations = [loc for _, loc in files]
-        batch = self.batchers["classify"].max_batch_size
-        if len(files) > batch:
-            # Even reading the headers of a thousand uploads takes tens of milliseconds:
-            # that too happens on the worker thread, chunk by chunk, beside the model.
-            max_pixels = self.limits.max_image_pixels
-            results = await self._classify_in_chunks(
-                files, batch, lambda chunk: _identify_and_prepare(chunk, max_pixels)
-            )
-            return _digit_predictions(results, locations)
-        images = identify_images(files, max_pixels=self.limits.max_image_pixels)
+        max_pixels = self.limits.max_image_pixels
+        if len(files) > self.batchers["classify"].max_batch_size:
+            # Reading the headers of a thousand uploads takes tens of milliseconds:
+            # off the event loop. All of them before any pixel is decoded, so that
+            # the request's decoded size is known first (service.memory).
+            images = await asyncio.to_thread(identify_images, files, max_pixels=max_pixels)
+        else:
+            images = identify_images(files, max_pixels=max_pixels)
         return await self._classify_images(images, locations)
 
     async def _classify_images(
@@ -421,25 +423,31 @@ class ServingService:
         are prepared on a worker thread instead, chunk by chunk, so that the model
         already runs the first chunks while the next are decoded.
         """
+        request_pixels = RequestPixels(self.limits.max_request_pixels)
+        problems = []
+        for image, loc in zip(images, locations, strict=True):
+            try:
+                request_pixels.charge(decoded_pixels(image))
+            except ImageError as error:
+                problems.append(Problem(error.type, error.message, loc))
+        if problems:
+            raise RequestError(problems)  # before any pixel is decoded
         batch = self.batchers["classify"].max_batch_size
         if len(images) <= batch and not any(_is_large(image) for image in images):
             results = await self._submit("classify", images)
         else:
-            results = await self._classify_in_chunks(
-                images, batch, DigitClassification.decode_and_prepare
-            )
+            results = await self._classify_in_chunks(images, batch)
         return _digit_predictions(results, locations)
 
-    async def _classify_in_chunks(
-        self, items: Sequence[Any], size: int, prepare: Callable[[Sequence[Any]], list[Any]]
-    ) -> list[Any]:
-        """``prepare`` each chunk of ``items`` into rows on a worker thread while the model
+    async def _classify_in_chunks(self, images: Sequence[Image.Image], size: int) -> list[Any]:
+        """Decode and prepare each chunk of ``images`` on a worker thread while the model
         runs the chunks before it; any ``ImageError`` stops further model work."""
         pending: list[tuple[int, asyncio.Future[list[Any]]]] = []
-        results: list[Any] = [None] * len(items)
+        results: list[Any] = [None] * len(images)
+        prepare = self.classification.decode_and_prepare
         try:
-            for start in range(0, len(items), size):
-                chunk = items[start : start + size]
+            for start in range(0, len(images), size):
+                chunk = images[start : start + size]
                 rows = await asyncio.to_thread(prepare, chunk)
                 results[start : start + len(rows)] = rows
                 if not any(isinstance(row, ImageError) for row in results):
@@ -498,19 +506,6 @@ def _placement(key: str, device: torch.device) -> Placement:
         precision=resolve_precision(model, backend, device.type),
         threads=SETTINGS.threads_per_model(key),
     )
-
-
-def _identify_and_prepare(
-    files: Sequence[tuple[bytes, Location]], max_pixels: int
-) -> list[np.ndarray | ImageError]:
-    """Uploaded bytes → one model row each, or the ``ImageError`` of a bad upload."""
-    items: list[Any] = []
-    for data, _ in files:
-        try:
-            items.append(open_image(data, max_pixels=max_pixels))
-        except ImageError as error:
-            items.append(error)
-    return DigitClassification.decode_and_prepare(items)
 
 
 def _digit_predictions(results: Sequence[Any], locations: Sequence[Location]) -> list[dict]:

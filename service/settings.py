@@ -32,6 +32,8 @@ Adaptive batching, per endpoint (<ENDPOINT> is CLASSIFY, SENTIMENT or GENERATE)
 Request limits (every violation is a 4xx with a JSON body naming the problem)
     SERVING_MAX_BODY_BYTES          request body size (default 16 MiB)
     SERVING_MAX_IMAGE_PIXELS        width × height of one image (default 16,777,216 = 4096²)
+    SERVING_MAX_REQUEST_PIXELS      decoded pixels of one request's images in all (4 × 4096²)
+    SERVING_MAX_DECODE_PIXELS       decoded pixels being decoded at once per worker (2 × 4096²)
     SERVING_MAX_ITEMS_PER_REQUEST   images or texts in one batch request (default 128)
     SERVING_MAX_TEXT_CHARS          characters in one text (default 2000)
     SERVING_MAX_GENERATE_N          images in one /generate request (default 64)
@@ -143,6 +145,10 @@ class ModelSettings:
 class Limits:
     max_body_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
+    # Decoded pixels: of one request's images in all, and being decoded at once in a
+    # worker (see service.memory). A large JPEG counts at its reduced decoding scale.
+    max_request_pixels: int = 4 * 4096 * 4096
+    max_decode_pixels: int = 2 * 4096 * 4096
     max_items_per_request: int = 128
     max_text_chars: int = 2000
     max_generate_n: int = 64
@@ -203,6 +209,12 @@ class Settings:
                 max_body_bytes=env.integer("MAX_BODY_BYTES", Limits.max_body_bytes, minimum=1024),
                 max_image_pixels=env.integer(
                     "MAX_IMAGE_PIXELS", Limits.max_image_pixels, minimum=28 * 28
+                ),
+                max_request_pixels=env.integer(
+                    "MAX_REQUEST_PIXELS", Limits.max_request_pixels, minimum=28 * 28
+                ),
+                max_decode_pixels=env.integer(
+                    "MAX_DECODE_PIXELS", Limits.max_decode_pixels, minimum=28 * 28
                 ),
                 max_items_per_request=env.integer(
                     "MAX_ITEMS_PER_REQUEST", Limits.max_items_per_request, minimum=1

@@ -16,12 +16,15 @@ import http.client
 import io
 import json
 import struct
+import threading
+import time
 import zlib
 from collections.abc import Sequence
 from urllib.parse import urlparse
 
 import aiohttp
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -340,19 +343,76 @@ def test_bad_uploads(server, case):
 
 
 def test_a_request_over_one_batch_reports_every_bad_upload(server, mnist_test_digits):
-    # More images than one batch take the chunked path, where headers are read off the
-    # event loop chunk by chunk: the answer still lists every bad file, wherever it is.
+    # More images than one batch take the chunked path (headers read off the event
+    # loop, pixels decoded chunk by chunk): the answer still lists every bad file.
     images, _ = mnist_test_digits
     files = [encode(p, "PNG") for p in images[:MAX_ITEMS]]
-    files[1] = _jpeg()[:400]
-    files[-1] = b"hello, world"
+    files[1] = files[-1] = _jpeg()[:400]
     status, error = post_files(server, "/classify_batch", "images", files)
     assert status == 400
     problems = [(problem["type"], problem["loc"]) for problem in error["detail"]]
-    assert problems == [
-        ("corrupt_image", ["images", 1]),
-        ("invalid_image", ["images", MAX_ITEMS - 1]),
+    assert problems == [("corrupt_image", ["images", 1]), ("corrupt_image", ["images", 15])]
+    files[3] = b"hello, world"  # a bad header is found before any pixel is decoded
+    status, error = post_files(server, "/classify_batch", "images", files)
+    problems = [(problem["type"], problem["loc"]) for problem in error["detail"]]
+    assert status == 400 and problems == [("invalid_image", ["images", 3])]
+
+
+def _one_bit_png(side: int) -> bytes:
+    """A blank 1-bit PNG: about 2 KB on the wire for 4096², 16 MB once decoded."""
+    buffer = io.BytesIO()
+    Image.new("1", (side, side), 1).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _worker(server) -> psutil.Process:
+    [worker] = [
+        child
+        for child in psutil.Process(server.process.pid).children(recursive=True)
+        if "worker" in " ".join(child.cmdline())
     ]
+    return worker
+
+
+def _peak_rss_while(process: psutil.Process, action) -> tuple[object, int]:
+    """Run ``action``; (its result, the highest RSS of ``process`` meanwhile, sampled)."""
+    peak, done = [process.memory_info().rss], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak.append(process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = action()
+    finally:
+        done.set()
+        sampler.join()
+    return result, max(peak)
+
+
+def test_decoded_pixels_are_bounded_per_request_and_per_worker(server):
+    """The amplification request: many tiny PNGs that each decode to 16 MB."""
+    huge = _one_bit_png(4096)
+    worker = _worker(server)
+    at_rest = worker.memory_info().rss
+    # Over the request's budget (4 × 4096² decoded pixels): refused from the headers.
+    (status, error), peak = _peak_rss_while(
+        worker, lambda: post_files(server, "/classify_batch", "images", [huge] * MAX_ITEMS)
+    )
+    assert status == 400
+    assert [p["loc"] for p in error["detail"]] == [["images", i] for i in range(4, MAX_ITEMS)]
+    assert {p["type"] for p in error["detail"]} == {"images_too_large"}
+    assert peak - at_rest < 8 * 2**20  # nothing was decoded
+    # Within it: decoded under the worker's budget, one large image at a time here.
+    (status, answers), peak = _peak_rss_while(
+        worker, lambda: post_files(server, "/classify_batch", "images", [huge] * 4)
+    )
+    assert status == 200 and len(answers) == 4
+    assert peak - at_rest < 64 * 2**20  # one image at a time: about 34 MiB measured
+    time.sleep(0.5)
+    assert worker.memory_info().rss - at_rest < 16 * 2**20  # and it is given back
 
 
 def test_a_valid_image_with_a_misleading_part_type_is_classified(server, mnist_test_digits):
