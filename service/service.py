@@ -49,6 +49,7 @@ from service.backends import (
     resolve_device,
 )
 from service.batching import AdaptiveBatcher, QueueFull
+from service.connections import install as install_connection_limits
 from service.errors import Location, Problem, RequestError, ServiceBusy
 from service.http import IMAGE_TYPES, IN_FLIGHT, JSON, MULTIPART, PNG, ApiGate, Reply
 from service.imaging import ImageError, decoded_pixels, encode_png, grid_png
@@ -96,6 +97,8 @@ log = logging.getLogger("service")
 # Before `bentoml serve` prepares its metrics folder: one folder per running service.
 use_instance_folder()
 SETTINGS = current_settings()
+# Before the worker's HTTP server starts: limits on headers, connections and shutdown.
+install_connection_limits(SETTINGS.connections)
 TAGS = {
     key: resolve_tag(get_spec(name), SETTINGS.models[key].tag) for key, name in MODEL_KEYS.items()
 }

@@ -39,6 +39,16 @@ Request limits (every violation is a 4xx with a JSON body naming the problem)
     SERVING_MAX_GENERATE_N          images in one /generate request (default 64)
     SERVING_REQUEST_TIMEOUT_S       a request still unanswered after this gets a 504 (default 60)
 
+HTTP connections, per worker (service.connections)
+    SERVING_MAX_HEADER_BYTES        request line and headers of one request (default 32 KiB; 431)
+    SERVING_MAX_HEADERS             header fields of one request (default 100; 431)
+    SERVING_HEADER_TIMEOUT_S        from a request's first byte to its last header (10; 408)
+    SERVING_KEEPALIVE_TIMEOUT_S     an idle keep-alive connection is closed after this (5)
+    SERVING_MAX_CONNECTIONS         open connections; a new one beyond gets a 503 (2048)
+    SERVING_DRAIN_S                 at shutdown, connections still open after this are closed (30)
+    SERVING_DRAIN_IDLE_S            at shutdown, idle connections stay open this long and
+                                    answer new requests 503 + Connection: close (1)
+
 Logging
     SERVING_LOG_LEVEL               level of the service's own log (default INFO: the start-up
                                     summary, warnings and server errors; DEBUG adds one line per
@@ -155,6 +165,19 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """Limits at the HTTP layer, per worker (enforced by ``service.connections``)."""
+
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 5.0
+    max_connections: int = 2048
+    drain_s: float = 30.0
+    drain_idle_s: float = 1.0
+
+
+@dataclass(frozen=True)
 class Settings:
     device: str = "auto"
     workers: int = 1
@@ -166,6 +189,7 @@ class Settings:
     max_queue_items: int = 4096
     models: Mapping[str, ModelSettings] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     request_timeout_s: float = 60.0
     log_level: str = "INFO"
     access_log: bool = False
@@ -221,6 +245,23 @@ class Settings:
                 ),
                 max_text_chars=env.integer("MAX_TEXT_CHARS", Limits.max_text_chars, minimum=1),
                 max_generate_n=env.integer("MAX_GENERATE_N", Limits.max_generate_n, minimum=1),
+            ),
+            connections=ConnectionLimits(
+                max_header_bytes=env.integer(
+                    "MAX_HEADER_BYTES", ConnectionLimits.max_header_bytes, minimum=1024
+                ),
+                max_headers=env.integer("MAX_HEADERS", ConnectionLimits.max_headers, minimum=8),
+                header_timeout_s=env.number(
+                    "HEADER_TIMEOUT_S", ConnectionLimits.header_timeout_s, minimum=0.1
+                ),
+                keepalive_timeout_s=env.number(
+                    "KEEPALIVE_TIMEOUT_S", ConnectionLimits.keepalive_timeout_s, minimum=0.1
+                ),
+                max_connections=env.integer(
+                    "MAX_CONNECTIONS", ConnectionLimits.max_connections, minimum=1
+                ),
+                drain_s=env.number("DRAIN_S", ConnectionLimits.drain_s, minimum=0.0),
+                drain_idle_s=env.number("DRAIN_IDLE_S", ConnectionLimits.drain_idle_s, minimum=0.0),
             ),
             request_timeout_s=env.number("REQUEST_TIMEOUT_S", 60.0, minimum=0.1),
             log_level=env.choice(

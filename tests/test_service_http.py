@@ -15,10 +15,13 @@ import base64
 import http.client
 import io
 import json
+import signal
+import socket
 import struct
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from urllib.parse import urlparse
 
@@ -33,6 +36,8 @@ MAX_ITEMS = 16
 CLASSIFY_MAX_BATCH = 8
 MAX_BODY = 1024 * 1024
 MAX_TEXT = 500
+HEADER_TIMEOUT_S = 2
+MAX_CONNECTIONS = 300  # above the 256-client test
 SERVER_ENV = {
     "SERVING_DEVICE": "cpu",
     "SERVING_THREADS": "1",
@@ -40,6 +45,8 @@ SERVER_ENV = {
     "SERVING_CLASSIFY_MAX_BATCH_SIZE": str(CLASSIFY_MAX_BATCH),
     "SERVING_MAX_BODY_BYTES": str(MAX_BODY),
     "SERVING_MAX_TEXT_CHARS": str(MAX_TEXT),
+    "SERVING_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+    "SERVING_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
 }
 RAW_SENTENCES = [
     ("What a wonderful, moving film. I loved every minute of it!", "positive"),
@@ -136,6 +143,124 @@ def test_a_second_service_on_the_host_leaves_the_first_ones_metrics_alone(
         assert batch_histogram(server)["classify"]["sum"] == counted
     finally:
         other.stop()
+
+
+# --- limits at the HTTP layer ---------------------------------------------------------
+
+
+def _raw_exchange(server, head: bytes, *, trickle_s: float | None = None) -> bytes:
+    """Send ``head`` on a fresh connection (one byte per ``trickle_s`` if given) and
+    return everything the server sends before it closes the connection."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
+        try:
+            if trickle_s is None:
+                connection.sendall(head)
+            else:
+                for byte in head:
+                    connection.sendall(bytes([byte]))
+                    time.sleep(trickle_s)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed early, as it should
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+        return received
+
+
+def _status_and_error(response: bytes) -> tuple[int, dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+@pytest.mark.parametrize(
+    ("headers", "kind"),
+    [
+        ([("X-Big", "x" * 40_000)], "headers_too_large"),
+        ([("X-Big", "x" * 16 * 2**20)], "headers_too_large"),  # not read to the end
+        ([(f"X-{i}", "1") for i in range(150)], "too_many_headers"),
+    ],
+    ids=["40 KiB", "16 MiB", "150 fields"],
+)
+def test_request_heads_over_the_limits_get_431(server, headers, kind):
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    head = f"POST /sentiment HTTP/1.1\r\nHost: test\r\n{lines}\r\n".encode()
+    status, error = _status_and_error(_raw_exchange(server, head))
+    assert status == 431 and error["detail"][0]["type"] == kind
+    assert server.post_json("/sentiment", {"text": "fine"})[0] == 200
+
+
+def test_a_head_that_trickles_in_gets_408_and_the_connection_closes(server):
+    head = b"POST /sentiment HTTP/1.1\r\nHost: test\r\nX-Slow: " + b"x" * 100
+    started = time.monotonic()
+    response = _raw_exchange(server, head, trickle_s=0.1)  # 10 s for the whole head
+    status, error = _status_and_error(response)
+    assert status == 408 and error["detail"][0]["type"] == "request_timeout"
+    assert time.monotonic() - started < HEADER_TIMEOUT_S + 5
+
+
+def test_connections_beyond_the_cap_get_503_and_the_server_keeps_serving(server):
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.2)
+        status, error = _status_and_error(_raw_exchange(server, b""))
+        assert status == 503 and error["detail"][0]["type"] == "too_many_connections"
+    finally:
+        for connection in idle:
+            connection.close()
+    time.sleep(0.2)
+    assert server.post_json("/sentiment", {"text": "fine"})[0] == 200
+
+
+def test_shutdown_drains_kept_alive_connections_without_resets(model_store, serve):
+    """Clients keep sending on their connections through SIGTERM: each request is
+    served, or answered 503 with Connection: close; none meets a reset."""
+    drained = serve("service.service:ServingService", {**SERVER_ENV, "SERVING_DRAIN_IDLE_S": "2"})
+    outcomes: Counter[str] = Counter()
+    body = json.dumps({"text": "a fine film"}).encode()
+    stop = threading.Event()
+
+    def client() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", drained.port, timeout=30)
+        while not stop.is_set():
+            try:
+                connection.request("POST", "/sentiment", body, {"Content-Type": JSON_TYPE})
+                response = connection.getresponse()
+                response.read()
+            except ConnectionResetError:
+                outcomes["reset"] += 1
+                return
+            except (http.client.RemoteDisconnected, ConnectionRefusedError, OSError) as error:
+                outcomes[type(error).__name__] += 1
+                return
+            outcomes[str(response.status)] += 1
+            if response.getheader("connection") == "close":
+                outcomes["told to close"] += 1
+                return
+
+    idle = http.client.HTTPConnection("127.0.0.1", drained.port, timeout=30)
+    idle.request("POST", "/sentiment", body, {"Content-Type": JSON_TYPE})
+    first = idle.getresponse()
+    first.read()
+    assert first.status == 200  # the connection is kept alive, then left idle
+    clients = [threading.Thread(target=client) for _ in range(16)]
+    for thread in clients:
+        thread.start()
+    time.sleep(1.0)
+    drained.process.send_signal(signal.SIGTERM)  # the server process, as an orchestrator does
+    time.sleep(0.5)
+    # A request on the idle connection after the signal: a clean 503, not a reset.
+    idle.request("POST", "/sentiment", body, {"Content-Type": JSON_TYPE})
+    late = idle.getresponse()
+    assert late.status == 503 and late.getheader("connection") == "close"
+    assert json.loads(late.read())["detail"][0]["type"] == "shutting_down"
+    for thread in clients:
+        thread.join(timeout=30)
+    stop.set()
+    drained.process.wait(timeout=60)
+    # Busy connections: the request in flight is answered, with Connection: close.
+    assert outcomes["reset"] == 0, outcomes
+    assert outcomes["told to close"] == 16, outcomes  # every client was told, none cut off
+    assert outcomes["200"] > 0, outcomes
 
 
 # --- right answers ---------------------------------------------------------------------
