@@ -92,10 +92,12 @@ def departures(url: str, leavers: int, leave_after_ms: float, storm_s: float) ->
         return sum(counts)
 
     sent = asyncio.run(storm())
+    at_end = generated_rows(url)
     started = time.monotonic()
     status, _ = http_get(f"{url}/livez")
     after_status, after_s = asyncio.run(_one_generate(url))
-    computed = settled_rows(url) - before
+    settled = settled_rows(url)
+    computed = settled - before
     return {
         "leavers": leavers,
         "leave_after_ms": leave_after_ms,
@@ -104,6 +106,8 @@ def departures(url: str, leavers: int, leave_after_ms: float, storm_s: float) ->
         "rows_requested": sent * 64,
         "rows_computed": computed,
         "share_computed": round(computed / max(1, sent * 64), 4),
+        # Queued work left when the storm ended (the real request's own 64 rows aside).
+        "rows_computed_after_storm": settled - at_end - (64 if after_status == 200 else 0),
         "livez_after": status,
         "next_request_status": after_status,
         "next_request_s": round(after_s, 3),

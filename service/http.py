@@ -74,6 +74,9 @@ class Reply:
         return cls(error.status, orjson.dumps(error.body()), headers=error.headers())
 
 
+# A request still unanswered after this long starts watching its connection.
+WATCH_AFTER_S = 0.05
+
 # The answer to a client that has gone. The server drops it unsent; it still ends the
 # request for the middleware around the gate: BentoML's request metrics count it under
 # 499 (nginx's "client closed request") and its timeout stops waiting for an answer.
@@ -198,23 +201,31 @@ class ApiGate:
         """The handler's reply, or None if the client disconnected first.
 
         Once the body is read, the server's ``receive`` returns only when the
-        client disconnects (or the answer is complete). A watcher waits for that
-        and cancels this task, which cancels the work where it waits: queued
-        items leave the batcher's queue and never reach a model.
+        client disconnects (or the answer is complete). For a request still
+        unanswered after ``WATCH_AFTER_S``, a watcher waits for that and cancels
+        this task, which cancels the work where it waits: queued items leave the
+        batcher's queue and never reach a model.
         """
         task = asyncio.current_task()
         assert task is not None
         gone = finished = False
+        watcher: asyncio.Future | None = None
 
-        def on_message(watcher: asyncio.Future) -> None:
+        def on_message(done: asyncio.Future) -> None:
             nonlocal gone
             # A callback already scheduled when the work finished must not cancel the reply.
-            if not finished and not watcher.cancelled() and watcher.exception() is None:
+            if not finished and not done.cancelled() and done.exception() is None:
                 gone = True
                 task.cancel()
 
-        watcher = asyncio.ensure_future(receive())
-        watcher.add_done_callback(on_message)
+        def watch() -> None:
+            nonlocal watcher
+            if not finished:
+                watcher = asyncio.ensure_future(receive())
+                watcher.add_done_callback(on_message)
+
+        # Most answers come sooner: watching only the slower ones costs them nothing.
+        timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch)
         try:
             return await self._answer(handler, path, *request)
         except asyncio.CancelledError:
@@ -224,7 +235,9 @@ class ApiGate:
             return None
         finally:
             finished = True
-            watcher.cancel()
+            timer.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
     async def _answer(
         self, handler: ApiHandler, path: str, media_type: str, content_type: str, body: bytes
