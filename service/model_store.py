@@ -11,7 +11,10 @@ version in the store (``<name>:latest``) is used.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+
+import bentoml
 
 from models.artifacts import METADATA_FILE, Artifact, load_artifact, read_json
 from models.registry import ModelSpec, artifacts_root
@@ -29,3 +32,20 @@ def resolve_tag(spec: ModelSpec, override: str | None = None, root: Path | None 
 def load_stored_artifact(model_path: str | Path) -> Artifact:
     """The store entry's directory is an artifact directory: load it, verifying checksums."""
     return load_artifact(Path(model_path), verify=True)
+
+
+def check_store_entries(tags: Iterable[str]) -> None:
+    """Stop with one line naming the entry and the problem if a model to serve is damaged.
+
+    BentoML reads each entry's ``model.yaml`` when the server starts and reports
+    a damaged one as a long parser traceback that names no model. A missing entry
+    is left to BentoML, whose message says so.
+    """
+    for tag in tags:
+        try:
+            bentoml.models.get(tag)
+        except bentoml.exceptions.NotFound:
+            continue
+        except Exception as error:  # a YAML or schema error from the entry's files
+            detail = " ".join(str(error).split())
+            raise SystemExit(f"model store entry {tag} is damaged: {detail}") from None

@@ -62,7 +62,7 @@ from service.inference import (
 )
 from service.memory import PixelBudget, RequestPixels, return_freed_memory_promptly
 from service.metrics import endpoint_metrics, use_instance_folder
-from service.model_store import load_stored_artifact, resolve_tag
+from service.model_store import check_store_entries, load_stored_artifact, resolve_tag
 from service.requests import (
     GenerateInput,
     SentimentBatchInput,
@@ -102,6 +102,7 @@ install_connection_limits(SETTINGS.connections)
 TAGS = {
     key: resolve_tag(get_spec(name), SETTINGS.models[key].tag) for key, name in MODEL_KEYS.items()
 }
+check_store_entries(TAGS.values())
 
 # The media types each API route takes, and which endpoint's batcher each route feeds.
 ROUTES = {

@@ -15,9 +15,13 @@ import base64
 import http.client
 import io
 import json
+import os
+import shutil
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -145,6 +149,24 @@ def test_a_second_service_on_the_host_leaves_the_first_ones_metrics_alone(
         other.stop()
 
 
+# --- start-up ----------------------------------------------------------------------------
+
+
+def test_a_damaged_store_entry_stops_the_start_with_one_line(model_store, bentoml_home, tmp_path):
+    home = tmp_path / "home"
+    shutil.copytree(bentoml_home / "models", home / "models")
+    name, version = model_store["mnist-cnn"].split(":")
+    (home / "models" / name / version / "model.yaml").write_text("name: [unclosed\n  bad: : :\n")
+    env = {**os.environ, "BENTOML_HOME": str(home), **SERVER_ENV}
+    command = [sys.executable, "-m", "bentoml", "serve", "service.service:ServingService",
+               "--port", "1"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"model store entry mnist-cnn:{version} is damaged: ")
+    assert "model.yaml" in last and "Traceback" not in result.stderr
+
+
 # --- limits at the HTTP layer ---------------------------------------------------------
 
 
@@ -209,6 +231,22 @@ def test_connections_beyond_the_cap_get_503_and_the_server_keeps_serving(server)
             connection.close()
     time.sleep(0.2)
     assert server.post_json("/sentiment", {"text": "fine"})[0] == 200
+
+
+def test_clients_that_leave_mid_upload_cost_one_log_line_not_tracebacks(server):
+    before = len(server.log())
+    head = (
+        b"POST /classify_batch HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+    )
+    for _ in range(50):
+        with socket.create_connection(("127.0.0.1", server.port)) as connection:
+            connection.sendall(head + b"--b\r\n" + b"x" * 1000)
+    time.sleep(0.5)
+    assert server.post_json("/sentiment", {"text": "fine"})[0] == 200
+    logged = server.log()[before:]
+    assert "Traceback" not in logged and "ClientDisconnect" not in logged
+    assert 1 <= logged.count("disconnected before their answer") <= 2
 
 
 def test_shutdown_drains_kept_alive_connections_without_resets(model_store, serve):
