@@ -11,7 +11,8 @@ own httptools protocol with those gaps closed:
   ``max_header_bytes`` or ``max_headers`` the answer is 431 and the connection
   is closed, so no more of the head is read or buffered.
 * **Header timeout.** From a connection's first byte (or its opening) to the
-  end of a request's head: at most ``header_timeout_s``, else 408 and close.
+  end of a request's head: at most ``header_timeout_s`` (checked once a
+  second), else 408 and close.
   A client that trickles a header byte at a time cannot hold a connection.
 * **Keep-alive timeout.** An idle keep-alive connection is closed after
   ``keepalive_timeout_s`` (uvicorn's own timer, set from the settings).
@@ -62,20 +63,23 @@ def refusal_bytes(status: int, type_: str, message: str) -> bytes:
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with limits on request heads, connections and drain."""
+    """uvicorn's httptools protocol with limits on request heads, connections and drain.
+
+    It adds as little as it can to every request: no timer per request (one sweep a
+    second checks the head deadlines of all connections of the worker), and header
+    size and count are checked once, when the head is complete.
+    """
 
     limits = ConnectionLimits()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.timeout_keep_alive = self.limits.keepalive_timeout_s
-        self._head_bytes: int | None = 0  # None while a request body is being read
-        self._header_count = 0
-        self._head_size = 0
+        self._head_bytes = 0  # bytes of the request head being read
+        self._head_since: float | None = None  # when it began; None: no head pending
         self._refusing = False
-        self._head_timer: TimerHandle | None = None
-        self._drain_timer: TimerHandle | None = None
         self._draining = False
+        self._drain_timer: TimerHandle | None = None
 
     # --- connection ---------------------------------------------------------------------
 
@@ -86,21 +90,25 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                          f"this worker has {self.limits.max_connections} connections open; "
                          "retry shortly")  # fmt: skip
             return
-        self._arm_head_timer()
+        self._head_since = self.loop.time()  # a connection that sends nothing times out too
+        _HeadDeadlines.watch(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timers()
+        self._head_since = None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._refusing:
-            return
-        if self._head_bytes is not None:
+            return  # lingering after a refusal: dropped
+        reading_head = self.cycle is None or self.cycle.response_complete
+        if reading_head:
             self._head_bytes += len(data)
         super().data_received(data)
-        if self._refusing or self.transport.is_closing():
-            return
-        if self._head_bytes is not None and self._head_bytes > self.limits.max_header_bytes:
+        # Still in the same head after this data: it must not grow past the limit.
+        over = reading_head and self._head_bytes > self.limits.max_header_bytes
+        if over and not (self._refusing or self.transport.is_closing()):
             limit = self.limits.max_header_bytes
             self._refuse(431, "headers_too_large", f"the request head is over {limit} bytes")
 
@@ -108,65 +116,48 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._header_count = 0
-        self._head_size = 0
-        if self._head_timer is None:
-            self._arm_head_timer()
-
-    def on_url(self, url: bytes) -> None:
-        self._head_size += len(url)
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        self._head_size += len(name) + len(value) + 4  # ": " and CRLF
-        if self._header_count <= self.limits.max_headers:
-            super().on_header(name, value)
+        if self._head_since is None:
+            self._head_since = self.loop.time()
 
     def on_headers_complete(self) -> None:
-        self._cancel_head_timer()
-        if self._head_size > self.limits.max_header_bytes:
+        self._head_since = None
+        self._head_bytes = 0
+        if len(self.headers) > self.limits.max_headers:
+            limit = self.limits.max_headers
+            self._refuse(431, "too_many_headers", f"the request has over {limit} header fields")
+            return
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self.limits.max_header_bytes:
             # A head that arrived whole in one read; a longer one is stopped in data_received.
             limit = self.limits.max_header_bytes
             self._refuse(431, "headers_too_large", f"the request head is over {limit} bytes")
             return
-        if self._header_count > self.limits.max_headers:
-            limit = self.limits.max_headers
-            self._refuse(431, "too_many_headers", f"the request has over {limit} header fields")
-            return
         if self._draining:
             self._refuse(503, "shutting_down", "the server is shutting down; retry shortly")
             return
-        self._head_bytes = None  # the body follows; its size is the gate's business
         super().on_headers_complete()
 
+    # After a refusal the parser may still be in the same read: no request was started.
     def on_body(self, body: bytes) -> None:
         if not self._refusing:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._head_bytes = 0  # whatever comes next is the next request's head
         if not self._refusing:
             super().on_message_complete()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._draining and not self.transport.is_closing():
-            self.transport.close()
 
     # --- shutdown -----------------------------------------------------------------------
 
     def shutdown(self) -> None:
         """Drain instead of closing idle connections at once (see the module's doc)."""
         self._draining = True
-        loop = self.loop
-        self._drain_timer = loop.call_later(self.limits.drain_s, self._close)
+        self._drain_timer = self.loop.call_later(self.limits.drain_s, self._close)
         if self.cycle is None or self.cycle.response_complete:
             self._unset_keepalive_if_required()
             # Idle: a request may be on its way; it gets a 503, not a reset.
-            loop.call_later(self.limits.drain_idle_s, self._close_if_idle)
+            self.loop.call_later(self.limits.drain_idle_s, self._close_if_idle)
         else:
-            self.cycle.keep_alive = False
+            self.cycle.keep_alive = False  # answered, then closed
 
     def _close_if_idle(self) -> None:
         if self.cycle is None or self.cycle.response_complete:
@@ -183,7 +174,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         dropped for a moment, since closing with unread data would make the kernel
         reset the connection, and the client could lose the answer."""
         self._refusing = True
-        self._cancel_timers()
+        self._head_since = None
         if self.transport.is_closing():
             return
         self.transport.write(refusal_bytes(status, type_, message))
@@ -191,25 +182,35 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self._close)
 
-    def _arm_head_timer(self) -> None:
-        self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timeout)
-
-    def _head_timeout(self) -> None:
-        self._head_timer = None
-        if self._head_bytes is not None and (self.cycle is None or self.cycle.response_complete):
+    def _check_head_deadline(self, now: float) -> None:
+        since = self._head_since
+        if since is not None and now - since > self.limits.header_timeout_s:
             limit = self.limits.header_timeout_s
             self._refuse(408, "request_timeout", f"the request head took longer than {limit} s")
 
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
 
-    def _cancel_timers(self) -> None:
-        self._cancel_head_timer()
-        if self._drain_timer is not None:
-            self._drain_timer.cancel()
-            self._drain_timer = None
+class _HeadDeadlines:
+    """One sweep a second over the worker's connections, instead of a timer per request:
+    a head pending for longer than the limit is answered 408 (within a second of it)."""
+
+    _running = False
+
+    @classmethod
+    def watch(cls, protocol: GuardedHttpProtocol) -> None:
+        if not cls._running:
+            cls._running = True
+            protocol.loop.call_later(1.0, cls._sweep, protocol.loop, protocol.connections)
+
+    @classmethod
+    def _sweep(cls, loop: Any, connections: set) -> None:
+        now = loop.time()
+        for connection in list(connections):
+            if isinstance(connection, GuardedHttpProtocol):
+                connection._check_head_deadline(now)
+        if connections:
+            loop.call_later(1.0, cls._sweep, loop, connections)
+        else:
+            cls._running = False
 
 
 def install(limits: ConnectionLimits) -> None:

@@ -83,6 +83,35 @@ WATCH_AFTER_S = 0.05
 CLIENT_GONE = Reply(499, orjson.dumps(error_body("client_closed_request", "the client left")))
 
 
+class _Waiting:
+    """A request being served, and the watcher of its connection once there is one."""
+
+    __slots__ = ("finished", "gone", "receive", "since", "task", "watcher")
+
+    def __init__(self, task: asyncio.Task, receive: Any, since: float) -> None:
+        self.task = task
+        self.receive = receive
+        self.since = since
+        self.watcher: asyncio.Future | None = None
+        self.gone = False
+        self.finished = False
+
+    def watch(self) -> None:
+        self.watcher = asyncio.ensure_future(self.receive())
+        self.watcher.add_done_callback(self._on_message)
+
+    def _on_message(self, watcher: asyncio.Future) -> None:
+        # A callback already scheduled when the work finished must not cancel the reply.
+        if not self.finished and not watcher.cancelled() and watcher.exception() is None:
+            self.gone = True
+            self.task.cancel()
+
+    def finish(self) -> None:
+        self.finished = True
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+
 class ApiHandler(Protocol):
     async def handle(self, path: str, media_type: str, content_type: str, body: bytes) -> Reply:
         """Answer one API request; ``media_type`` is the lower-cased type of ``content_type``."""
@@ -152,6 +181,8 @@ class ApiGate:
         self.handler = handler
         self.in_flight = in_flight
         self.disconnects = disconnects or DisconnectLog()
+        self._waiting: set[_Waiting] = set()
+        self._sweeping = False
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or (accepted := self.routes.get(scope["path"])) is None:
@@ -202,42 +233,41 @@ class ApiGate:
 
         Once the body is read, the server's ``receive`` returns only when the
         client disconnects (or the answer is complete). For a request still
-        unanswered after ``WATCH_AFTER_S``, a watcher waits for that and cancels
-        this task, which cancels the work where it waits: queued items leave the
-        batcher's queue and never reach a model.
+        unanswered after ``WATCH_AFTER_S`` (checked by one sweep for all), a
+        watcher waits for that and cancels this task, which cancels the work
+        where it waits: queued items leave the batcher's queue and never reach a
+        model.
         """
         task = asyncio.current_task()
         assert task is not None
-        gone = finished = False
-        watcher: asyncio.Future | None = None
-
-        def on_message(done: asyncio.Future) -> None:
-            nonlocal gone
-            # A callback already scheduled when the work finished must not cancel the reply.
-            if not finished and not done.cancelled() and done.exception() is None:
-                gone = True
-                task.cancel()
-
-        def watch() -> None:
-            nonlocal watcher
-            if not finished:
-                watcher = asyncio.ensure_future(receive())
-                watcher.add_done_callback(on_message)
-
-        # Most answers come sooner: watching only the slower ones costs them nothing.
-        timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch)
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(task, receive, loop.time())
+        self._waiting.add(waiting)
+        if not self._sweeping:
+            self._sweeping = True
+            loop.call_later(WATCH_AFTER_S, self._watch_the_slow, loop)
         try:
             return await self._answer(handler, path, *request)
         except asyncio.CancelledError:
-            if not gone:
+            if not waiting.gone:
                 raise  # cancelled from outside (the request timeout, shutdown)
             task.uncancel()
             return None
         finally:
-            finished = True
-            timer.cancel()
-            if watcher is not None:
-                watcher.cancel()
+            self._waiting.discard(waiting)
+            waiting.finish()
+
+    def _watch_the_slow(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start watching the connections of requests waiting longer than ``WATCH_AFTER_S``;
+        one sweep for all of them, so that a request answered sooner costs nothing."""
+        started_before = loop.time() - WATCH_AFTER_S
+        for waiting in self._waiting:
+            if waiting.watcher is None and waiting.since <= started_before:
+                waiting.watch()
+        if self._waiting:
+            loop.call_later(WATCH_AFTER_S, self._watch_the_slow, loop)
+        else:
+            self._sweeping = False
 
     async def _answer(
         self, handler: ApiHandler, path: str, media_type: str, content_type: str, body: bytes
