@@ -27,9 +27,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+# torch is imported where weights are read or written: the serving parent process
+# reads artifacts' metadata only and never needs it.
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
@@ -93,6 +96,8 @@ class Artifact:
         return filename in self.metadata.get("files", {})
 
     def state_dict(self, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        import torch
+
         return torch.load(self.path(WEIGHTS_FILE), map_location=map_location, weights_only=True)
 
 
@@ -171,6 +176,8 @@ def write_model_files(
     metadata: Mapping[str, Any],
 ) -> None:
     """Write weights, config and metadata into a (staging) directory."""
+    import torch
+
     torch.save(
         {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, directory / WEIGHTS_FILE
     )

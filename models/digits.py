@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-DIGIT_LABELS: tuple[str, ...] = tuple(str(d) for d in range(10))
-
 
 @dataclass(frozen=True)
 class DigitClassifierConfig:

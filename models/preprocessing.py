@@ -15,12 +15,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
-from models.sentiment import PAD_ID
+from models.tokenizer import PAD_ID
+
+# torch is imported by the three functions that build tensors, so that the image
+# constants and the numpy preprocessing load without it (the serving parent process
+# imports this module but runs no model).
+if TYPE_CHECKING:
+    import torch
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -225,6 +231,8 @@ def _first_and_last(marked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def digit_tensor_from_image(image: Image.Image) -> torch.Tensor:
     """Any image → the classifier's normalised ``1×28×28`` float32 input."""
+    import torch
+
     pixels = torch.from_numpy(digit_pixels_from_image(image))
     return normalize_digits(pixels).unsqueeze(0)
 
@@ -235,6 +243,8 @@ def encode_texts(id_sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, t
     An empty sequence is encoded as one padding token with length 1, so every
     row has a valid position to pool over; callers reject empty text earlier.
     """
+    import torch
+
     lengths = torch.tensor([max(1, len(ids)) for ids in id_sequences], dtype=torch.int64)
     token_ids = torch.full((len(id_sequences), int(lengths.max())), PAD_ID, dtype=torch.int64)
     for row, ids in enumerate(id_sequences):
@@ -251,6 +261,8 @@ def latent_batch(
     gives the same inputs everywhere. Without ``digit`` the labels are drawn
     from the same generator.
     """
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     latent = torch.randn(count, latent_dim, generator=generator)
     if digit is None:

@@ -9,20 +9,22 @@ The released artifacts live in ``models/artifacts/<name>/``; set
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from models.artifacts import Artifact, load_artifact
-from models.digits import DIGIT_LABELS, DigitClassifier, DigitClassifierConfig
-from models.gan import Generator, GeneratorConfig
-from models.sentiment import SENTIMENT_LABELS, SentimentClassifier, SentimentClassifierConfig
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+DIGIT_LABELS: tuple[str, ...] = tuple(str(d) for d in range(10))
+SENTIMENT_LABELS: tuple[str, ...] = ("negative", "positive")
 
 PACKAGE_ARTIFACTS_DIR = Path(__file__).resolve().parent / "artifacts"
 
@@ -44,15 +46,32 @@ class OnnxSignature:
     dynamic_axes: Mapping[str, Mapping[int, str]]
 
 
+def _import(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
+    """``config`` and ``module`` name the architecture as ``module:Class``, imported on
+    first use: reading specs (names, tags, files) does not import torch, so the
+    serving parent process and the tools that only read metadata stay small."""
+
     name: str
     description: str
-    config_type: type
-    module_type: Callable[[Any], nn.Module]
+    config: str
+    module: str
     onnx: OnnxSignature
     labels: tuple[str, ...] = ()
     extra_files: tuple[str, ...] = field(default=())
+
+    @property
+    def config_type(self) -> type:
+        return _import(self.config)
+
+    @property
+    def module_type(self) -> type[nn.Module]:
+        return _import(self.module)
 
     @property
     def bento_model_name(self) -> str:
@@ -91,8 +110,8 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec(
             name=MNIST_CLASSIFIER,
             description="MNIST digit classifier (two-convolution CNN)",
-            config_type=DigitClassifierConfig,
-            module_type=DigitClassifier,
+            config="models.digits:DigitClassifierConfig",
+            module="models.digits:DigitClassifier",
             labels=DIGIT_LABELS,
             onnx=OnnxSignature(
                 inputs=("images",),
@@ -103,8 +122,8 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec(
             name=SENTIMENT_CLASSIFIER,
             description="SST-2 sentiment classifier (BiLSTM, max-pooled)",
-            config_type=SentimentClassifierConfig,
-            module_type=SentimentClassifier,
+            config="models.sentiment:SentimentClassifierConfig",
+            module="models.sentiment:SentimentClassifier",
             labels=SENTIMENT_LABELS,
             extra_files=("vocab.json",),
             onnx=OnnxSignature(
@@ -120,8 +139,8 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec(
             name=DIGIT_GENERATOR,
             description="Conditional DCGAN generator of 28×28 digits",
-            config_type=GeneratorConfig,
-            module_type=Generator,
+            config="models.gan:GeneratorConfig",
+            module="models.gan:Generator",
             labels=DIGIT_LABELS,
             onnx=OnnxSignature(
                 inputs=("latent", "labels"),

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-SENTIMENT_LABELS: tuple[str, ...] = ("negative", "positive")
-PAD_ID = 0
-UNK_ID = 1
+from models.tokenizer import PAD_ID
 
 
 @dataclass(frozen=True)

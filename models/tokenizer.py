@@ -26,8 +26,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.sentiment import PAD_ID, UNK_ID
-
+# The ids every vocabulary reserves: padding and unknown words.
+PAD_ID = 0
+UNK_ID = 1
 PAD_TOKEN = "<pad>"
 UNK_TOKEN = "<unk>"
 

@@ -24,7 +24,7 @@ from models.registry import (
     SENTIMENT_CLASSIFIER,
     get_spec,
 )
-from models.sentiment import PAD_ID
+from models.tokenizer import PAD_ID
 from training import export, verify
 
 TEST_VOCAB_SIZE = 50

@@ -17,7 +17,7 @@ from models.preprocessing import (
     latent_batch,
     normalize_digits,
 )
-from models.sentiment import PAD_ID
+from models.tokenizer import PAD_ID
 
 
 def _seven() -> np.ndarray:

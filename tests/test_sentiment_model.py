@@ -10,11 +10,11 @@ import torch
 from models.preprocessing import encode_texts
 from models.registry import SENTIMENT_CLASSIFIER, get_spec
 from models.sentiment import (
-    PAD_ID,
     SentimentClassifier,
     SentimentClassifierConfig,
     reverse_within_lengths,
 )
+from models.tokenizer import PAD_ID
 from training.common import save_trained_model
 
 CONFIG = SentimentClassifierConfig(vocab_size=50, embedding_dim=8, hidden_size=6)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from models.sentiment import PAD_ID, UNK_ID
-from models.tokenizer import PAD_TOKEN, UNK_TOKEN, Vocabulary, tokenize
+from models.tokenizer import PAD_ID, PAD_TOKEN, UNK_ID, UNK_TOKEN, Vocabulary, tokenize
 from training.common import default_data_dir
 from training.data import read_sst2
 

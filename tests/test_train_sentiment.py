@@ -12,8 +12,8 @@ import torch
 from models.artifacts import VOCAB_FILE
 from models.preprocessing import encode_texts
 from models.registry import SENTIMENT_CLASSIFIER, get_spec
-from models.sentiment import PAD_ID, UNK_ID, SentimentClassifier, SentimentClassifierConfig
-from models.tokenizer import Vocabulary, tokenize
+from models.sentiment import SentimentClassifier, SentimentClassifierConfig
+from models.tokenizer import PAD_ID, UNK_ID, Vocabulary, tokenize
 from training import sentiment
 from training.common import default_data_dir
 from training.data import read_sst2

@@ -83,7 +83,7 @@ from models.registry import (
     ModelSpec,
     get_spec,
 )
-from models.sentiment import PAD_ID, UNK_ID
+from models.tokenizer import PAD_ID, UNK_ID
 from training.common import add_model_selection_arguments
 
 log = logging.getLogger(__name__)

@@ -36,9 +36,15 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from models.artifacts import staged_artifact, update_metadata
-from models.digits import DIGIT_LABELS, DigitClassifier
+from models.digits import DigitClassifier
 from models.gan import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
-from models.registry import DIGIT_GENERATOR, MNIST_CLASSIFIER, artifacts_root, get_spec
+from models.registry import (
+    DIGIT_GENERATOR,
+    DIGIT_LABELS,
+    MNIST_CLASSIFIER,
+    artifacts_root,
+    get_spec,
+)
 from training import gan_metrics, reports
 from training.common import (
     add_run_arguments,

@@ -34,14 +34,14 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from tqdm import tqdm
 
-from models.digits import DIGIT_LABELS, DigitClassifier, DigitClassifierConfig
+from models.digits import DigitClassifier, DigitClassifierConfig
 from models.preprocessing import (
     MNIST_MEAN,
     MNIST_STD,
     digit_pixels_from_image,
     digit_tensor_from_image,
 )
-from models.registry import MNIST_CLASSIFIER, artifacts_root, get_spec
+from models.registry import DIGIT_LABELS, MNIST_CLASSIFIER, artifacts_root, get_spec
 from training import reports
 from training.common import (
     add_run_arguments,

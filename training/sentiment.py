@@ -46,8 +46,8 @@ from tqdm import tqdm
 from models.artifacts import VOCAB_FILE, config_to_dict
 from models.preprocessing import encode_texts
 from models.registry import SENTIMENT_CLASSIFIER, get_spec
-from models.sentiment import UNK_ID, SentimentClassifier, SentimentClassifierConfig
-from models.tokenizer import Vocabulary
+from models.sentiment import SentimentClassifier, SentimentClassifierConfig
+from models.tokenizer import UNK_ID, Vocabulary
 from training.common import (
     add_run_arguments,
     run_provenance,

@@ -70,8 +70,7 @@ from models.registry import (
     ModelSpec,
     get_spec,
 )
-from models.sentiment import PAD_ID
-from models.tokenizer import Vocabulary
+from models.tokenizer import PAD_ID, Vocabulary
 from training.common import add_model_selection_arguments, default_data_dir
 from training.data import mnist_test_set, read_sst2
 from training.export import VARIANT_CANDIDATES, OnnxVariant, configure_logging
