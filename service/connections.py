@@ -32,7 +32,6 @@ worker's server starts (the service module is imported first).
 
 from __future__ import annotations
 
-import logging
 from asyncio import TimerHandle
 from http import HTTPStatus
 from typing import Any
@@ -42,8 +41,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.errors import error_body
 from service.settings import ConnectionLimits
-
-log = logging.getLogger(__name__)
 
 # How long a refused connection is read (and the bytes dropped) before it is closed.
 LINGER_S = 2.0

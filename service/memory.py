@@ -62,10 +62,6 @@ class PixelBudget:
         self._used = 0
         self._room = threading.Condition()
 
-    @property
-    def used(self) -> int:
-        return self._used
-
     @contextlib.contextmanager
     def hold(self, pixels: int) -> Iterator[None]:
         """Wait until ``pixels`` fit, hold them for the block, then give them back."""

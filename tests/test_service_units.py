@@ -8,6 +8,7 @@ import asyncio
 import io
 import logging
 import struct
+import threading
 import time
 import zlib
 
@@ -23,6 +24,7 @@ from service.batching import AdaptiveBatcher, QueueFull
 from service.errors import Problem, RequestError, ServiceBusy
 from service.http import JSON, MULTIPART, PNG, ApiGate, DisconnectLog, InFlight, Reply
 from service.imaging import ImageError, encode_png, grid_png, load_image, open_image
+from service.memory import PixelBudget, RequestPixels
 from service.requests import (
     GenerateInput,
     SentimentInput,
@@ -236,11 +238,44 @@ def test_an_abandoned_request_is_not_run():
         abandoned = asyncio.ensure_future(batcher.submit([2]))
         await asyncio.sleep(0.01)
         abandoned.cancel()
+        await asyncio.sleep(0)
+        assert batcher.queued_items == 0  # it stops counting against the queue at once
         assert await first == [2]
         assert await batcher.submit([3]) == [6]
 
     asyncio.run(main())
     assert [2] not in model.batches
+
+
+def test_the_decode_budget_is_shared_by_threads_and_a_huge_image_runs_alone():
+    budget = PixelBudget(limit=100)
+    held, peak, lock = [0], [0], threading.Lock()
+
+    def decode(pixels: int) -> None:
+        with budget.hold(pixels):
+            with lock:
+                held[0] += min(pixels, budget.limit)
+                peak[0] = max(peak[0], held[0])
+            time.sleep(0.02)
+            with lock:
+                held[0] -= min(pixels, budget.limit)
+
+    threads = [threading.Thread(target=decode, args=(p,)) for p in [60, 60, 40, 500, 30] * 4]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in threads)
+    assert 70 <= peak[0] <= 100  # never over the budget, yet smaller images shared it
+
+
+def test_a_request_over_its_pixel_budget_fails_from_the_image_that_passes_it():
+    pixels = RequestPixels(limit=100)
+    pixels.charge(60)
+    pixels.charge(40)
+    with pytest.raises(ImageError) as over:
+        pixels.charge(1)
+    assert over.value.type == "images_too_large"
 
 
 # --- images ---------------------------------------------------------------------------
