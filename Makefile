@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PORT ?= 3000
 
-.PHONY: setup test serve register lint format bench bench-gpu bench-peers clean
+.PHONY: setup test serve register lint format bench bench-gpu bench-peers clean container container-test
 
 setup: $(INSTALLED)
 
@@ -49,6 +49,21 @@ bench-peers: $(INSTALLED)
 # GPU comparisons and the throughput/latency targets (needs CUDA).
 bench-gpu: $(INSTALLED)
 	$(BIN)/python -m bench.run --set gpu $(BENCH_ARGS)
+
+# Container images (docs/deploy.md). VARIANT=gpu: PyTorch with its CUDA wheels, for
+# GPU nodes and the CPU alike; VARIANT=cpu: ONNX Runtime only, no torch. The base is
+# python:3.11-slim where it can be pulled, else one made from Debian's packages
+# (needs root, buildah, podman and debootstrap).
+IMAGE ?= digit-sentiment-serving
+VARIANT ?= gpu
+
+container: $(INSTALLED)
+	$(BIN)/python -m training.register
+	IMAGE=$(IMAGE) BENTOML=$(BIN)/bentoml deploy/container/build.sh $(VARIANT)
+
+# Starts the image built by `make container` and checks it over HTTP (several minutes).
+container-test: $(INSTALLED)
+	CONTAINER_IMAGE=localhost/$(IMAGE):$(VARIANT) $(BIN)/pytest -m container tests/test_container.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

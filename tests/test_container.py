@@ -1,0 +1,332 @@
+"""The image ``make container`` built, started and checked over HTTP (``make container-test``).
+
+The image named by ``CONTAINER_IMAGE`` (default ``localhost/digit-sentiment-serving:gpu``)
+runs with ``buildah run --isolation chroot --network host`` on a free port, with
+the command a Kubernetes pod runs (the image's entrypoint, no arguments; the port
+comes from ``BENTOML_PORT``). Without a PID namespace the server's workers are
+ordinary processes of this host, so every check that the server stopped looks at
+the whole process tree and at the port.
+
+``CONTAINER_REFERENCE_IMAGE`` names a second image whose labels on the full MNIST
+and SST-2 test sets must be identical (the CPU image against the GPU image).
+Skipped unless buildah and the image are present.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from tests.conftest import ServedProcess, free_port
+from tests.test_deploy import in_flight_metric
+
+pytestmark = [pytest.mark.container, pytest.mark.slow]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENV_SH = REPO_ROOT / "deploy" / "container" / "env.sh"
+IMAGE = os.environ.get("CONTAINER_IMAGE", "localhost/digit-sentiment-serving:gpu")
+REFERENCE_IMAGE = os.environ.get("CONTAINER_REFERENCE_IMAGE")
+IMAGE_USER_ID = 1034
+READY_TIMEOUT_S = 300.0
+BATCH = 128  # SERVING_MAX_ITEMS_PER_REQUEST
+# On the shared 2-core test machine: one thread per model.
+CONTAINER_ENV = {"SERVING_THREADS": "1", "SERVING_LOG_LEVEL": "info"}
+
+
+def buildah(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``buildah ARGS`` with the storage settings of deploy/container/env.sh."""
+    command = f". {shlex.quote(str(ENV_SH))} && exec buildah {shlex.join(args)}"
+    return subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, check=check, timeout=timeout
+    )
+
+
+def image_present(image: str) -> bool:
+    return buildah("inspect", "--type", "image", image, check=False).returncode == 0
+
+
+def image_config(image: str) -> dict:
+    """The image's Docker-format configuration (entrypoint, user, health check, ...)."""
+    return json.loads(buildah("inspect", "--type", "image", image).stdout)["Docker"]["config"]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Container(ServedProcess):
+    """One working container of ``image`` serving on a free port, stopped as a process tree."""
+
+    def __init__(self, image: str, env: dict[str, str], log_path: Path) -> None:
+        self.image = image
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.name = f"container-test-{os.getpid()}-{self.port}"
+        self.config = image_config(image)
+        buildah("from", "--name", self.name, image)
+        settings = {**env, "BENTOML_PORT": str(self.port)}
+        env_args = [arg for key, value in settings.items() for arg in ("--env", f"{key}={value}")]
+        entrypoint = self.config["Entrypoint"]
+        run = ["run", "--isolation", "chroot", "--network", "host", *env_args, self.name]
+        command = f". {shlex.quote(str(ENV_SH))} && exec buildah " + shlex.join(
+            [*run, "--", *entrypoint]
+        )
+        self._log = log_path.open("w")
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            ["bash", "-c", command],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def exec(self, *command: str) -> subprocess.CompletedProcess:
+        """Run a command in the same container (while the server runs, on the same network)."""
+        return buildah(
+            "run", "--isolation", "chroot", "--network", "host", self.name, "--", *command,
+            check=False,
+        )  # fmt: skip
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
+        super().wait_ready(timeout)
+        return time.monotonic() - self.started
+
+    def server_processes(self) -> list[psutil.Process]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return psutil.Process(self.process.pid).children(recursive=True)
+        return []
+
+    def bentoml_serve(self) -> psutil.Process:
+        """The ``bentoml serve`` process: what the container runtime signals as PID 1."""
+        for process in self.server_processes():
+            with contextlib.suppress(psutil.Error):
+                command = process.cmdline()
+                if "serve" in command and any(part.endswith("bentoml") for part in command):
+                    return process
+        raise AssertionError(f"no bentoml serve process:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self._log.closed:
+            return
+        tree = self.server_processes()
+        if self.process.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                self.bentoml_serve().terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=45)
+        # Whatever outlived the signal: without a PID namespace nothing else will end it.
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        if self.process.poll() is None:
+            self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        buildah("rm", self.name, check=False)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    if shutil.which("buildah") is None:
+        pytest.skip("buildah is not installed")
+    if not image_present(IMAGE):
+        pytest.skip(f"no image {IMAGE}: run make container")
+    return IMAGE
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    started: list[Container] = []
+
+    def run(image: str) -> tuple[Container, float]:
+        container = Container(image, CONTAINER_ENV, tmp_path_factory.mktemp("container") / "log")
+        started.append(container)
+        return container, container.wait_ready()
+
+    yield run
+    for container in started:
+        container.stop()
+
+
+@pytest.fixture(scope="module")
+def served(image, start):
+    container, ready_s = start(image)
+    print(f"\n{image}: ready {ready_s:.1f} s after start")
+    return container
+
+
+@pytest.fixture(scope="module")
+def full_test_sets(data_dir):
+    """Every MNIST test image (as PNG) and SST-2 test sentence, with their labels."""
+    from torchvision import datasets
+
+    from training.data import read_sst2
+
+    mnist = datasets.MNIST(str(data_dir), train=False, download=False)
+    images = [png(pixels) for pixels in mnist.data.numpy()]
+    sst2 = read_sst2(data_dir, "test")
+    return (
+        images,
+        mnist.targets.numpy(),
+        [row.text for row in sst2],
+        np.array([row.label for row in sst2]),
+    )
+
+
+def labels_of(server: Container, full_test_sets) -> tuple[np.ndarray, np.ndarray]:
+    """The server's digit for every test image and sentiment for every test sentence."""
+    images, _, texts, _ = full_test_sets
+    digits: list[int] = []
+    for start in range(0, len(images), BATCH):
+        chunk = images[start : start + BATCH]
+        status, answers = server.post_files("/classify_batch", "images", chunk)
+        assert status == 200, answers
+        digits += [answer["digit"] for answer in answers]
+    sentiments: list[int] = []
+    for start in range(0, len(texts), BATCH):
+        chunk = texts[start : start + BATCH]
+        status, answers = server.post_json("/sentiment_batch", {"texts": chunk})
+        assert status == 200, answers
+        sentiments += [answer["label"] == "positive" for answer in answers]
+    return np.array(digits), np.array(sentiments, dtype=int)
+
+
+def test_the_image_runs_as_a_non_root_user_without_build_tools(served):
+    assert served.config["User"].split(":")[0] == str(IMAGE_USER_ID)
+    assert served.exec("id", "-u").stdout.strip() == str(IMAGE_USER_ID)
+    for tool in ("gcc", "cc", "make", "git", "uv", "curl"):
+        found = served.exec("sh", "-c", f"command -v {tool}")
+        assert found.returncode != 0, f"{tool} is in the image: {found.stdout}"
+
+
+def test_the_image_holds_the_three_models_of_the_bento(served, release_artifacts):
+    from models.registry import REGISTRY
+    from service.model_store import resolve_tag
+
+    for spec in REGISTRY.values():
+        name, version = resolve_tag(spec, root=release_artifacts).split(":")
+        path = f"/home/bentoml/bento/models/{name}/{version}"
+        assert served.exec("test", "-f", f"{path}/model.yaml").returncode == 0, path
+
+
+def test_health_endpoints_and_the_image_health_check(served):
+    assert served.request("/livez")[0] == 200
+    assert served.request("/readyz")[0] == 200
+    health_check = served.config["Healthcheck"]["Test"]
+    assert health_check[0] == "CMD"
+    # The health check runs in the container's environment, where BENTOML_PORT is the port.
+    result = served.exec("env", f"BENTOML_PORT={served.port}", *health_check[1:])
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_three_endpoints_answer_real_inputs(served, mnist_test_digits, sst2_test_sentences):
+    images, labels = mnist_test_digits
+    status, first = served.post_files("/classify", "image", [png(images[0])])
+    print(f"\n/classify (MNIST test image 0, label {labels[0]}): {first}")
+    assert status == 200 and first["digit"] == labels[0]
+    answers = [served.post_files("/classify", "image", [png(p)])[1] for p in images[:100]]
+    assert np.mean([a["digit"] for a in answers] == labels[:100]) >= 0.97
+
+    text, label = sst2_test_sentences[0]
+    status, first = served.post_json("/sentiment", {"text": text})
+    print(f"/sentiment ({text!r}, label {label}): {first}")
+    assert status == 200 and (first["label"] == "positive") == bool(label)
+    answers = [served.post_json("/sentiment", {"text": t})[1] for t, _ in sst2_test_sentences[:100]]
+    said = [answer["label"] == "positive" for answer in answers]
+    assert np.mean(np.array(said) == [bool(t) for _, t in sst2_test_sentences[:100]]) >= 0.8
+
+    status, generated = served.post_json("/generate", {"n": 8, "digit": 3, "seed": 42})
+    assert status == 200 and [image["digit"] for image in generated["images"]] == [3] * 8
+    pngs = [base64.b64decode(image["png"]) for image in generated["images"]]
+    assert all(Image.open(io.BytesIO(p)).size == (28, 28) for p in pngs)
+    status, classified = served.post_files("/classify_batch", "images", pngs)
+    print(f"/generate n=8 digit=3 seed=42, classified as: {[a['digit'] for a in classified]}")
+    assert status == 200 and sum(answer["digit"] == 3 for answer in classified) >= 7
+
+
+def test_bad_input_gets_a_4xx_json_error(served):
+    status, error = served.post_files("/classify", "image", [b"not an image at all"])
+    assert status == 400 and error["detail"][0]["type"] == "invalid_image"
+    status, error = served.post_json("/generate", {"n": 65})
+    assert status == 400 and error["detail"][0]["loc"] == ["n"]
+    status, _, body = served.request("/sentiment", data=b"{}", headers={"Content-Type": "text/csv"})
+    assert status == 415 and "error" in json.loads(body)
+
+
+def test_metrics_include_the_batching_and_the_autoscaling_signal(served):
+    served.post_json("/sentiment", {"text": "A fine film."})
+    status, _, raw = served.request("/metrics")
+    text = raw.decode()
+    assert status == 200
+    assert 'serving_batch_size_count{endpoint="sentiment"}' in text
+    assert in_flight_metric() in text
+
+
+def test_full_test_sets_give_the_released_accuracy(served, full_test_sets):
+    digits, sentiments = labels_of(served, full_test_sets)
+    _, digit_labels, _, sentiment_labels = full_test_sets
+    mnist_accuracy = float(np.mean(digits == digit_labels))
+    sst2_accuracy = float(np.mean(sentiments == sentiment_labels))
+    print(f"\nfull test sets: MNIST {mnist_accuracy:.4f}, SST-2 {sst2_accuracy:.4f}")
+    # README: 99.60 % through the service's image preprocessing, 85.12 % on SST-2 test.
+    assert mnist_accuracy >= 0.994 and sst2_accuracy >= 0.845
+
+
+@pytest.mark.skipif(REFERENCE_IMAGE is None, reason="CONTAINER_REFERENCE_IMAGE is not set")
+def test_labels_are_identical_to_the_reference_image(served, start, full_test_sets):
+    if not image_present(REFERENCE_IMAGE):
+        pytest.skip(f"no image {REFERENCE_IMAGE}")
+    reference, _ = start(REFERENCE_IMAGE)
+    digits, sentiments = labels_of(served, full_test_sets)
+    reference_digits, reference_sentiments = labels_of(reference, full_test_sets)
+    print(
+        f"\n{IMAGE} against {REFERENCE_IMAGE}: {int(np.sum(digits != reference_digits))} of "
+        f"{len(digits)} digits and {int(np.sum(sentiments != reference_sentiments))} of "
+        f"{len(sentiments)} sentiments differ"
+    )
+    assert np.array_equal(digits, reference_digits)
+    assert np.array_equal(sentiments, reference_sentiments)
+    reference.stop()
+
+
+def test_sigterm_stops_the_server_cleanly_and_frees_the_port(served):
+    """Last: the server is stopped the way Kubernetes stops a pod."""
+    tree = served.server_processes()
+    assert len(tree) >= 2  # bentoml serve and its worker
+    signalled = time.monotonic()
+    served.bentoml_serve().send_signal(signal.SIGTERM)
+    code = served.process.wait(timeout=45)
+    stopped_s = time.monotonic() - signalled
+    print(f"\nstopped {stopped_s:.1f} s after SIGTERM, exit status {code}")
+    assert code == 0, served.log()
+    left = [process for process in tree if process.is_running() and process.status() != "zombie"]
+    assert not left, [process.cmdline() for process in left]
+    assert port_is_free(served.port)
