@@ -36,17 +36,20 @@ from typing import Any
 
 import bentoml
 import numpy as np
-import torch
 from PIL import Image
 from starlette.responses import Response
 
 from models.registry import get_spec
 from models.tokenizer import Vocabulary
 from service.backends import (
+    Device,
     Placement,
     check_placement,
+    device_name,
     load_predictor,
     resolve_device,
+    torch_installed,
+    use_torch_threads,
 )
 from service.batching import AdaptiveBatcher, QueueFull
 from service.connections import install as install_connection_limits
@@ -149,7 +152,8 @@ class ServingService:
         settings = SETTINGS
         _configure_logging(settings.log_level)
         self.device = resolve_device(settings.device)
-        torch.set_num_threads(settings.threads_per_model())
+        if any(_placement(key, self.device).backend == "torch" for key in MODEL_KEYS):
+            use_torch_threads(settings.threads_per_model())
         stored = {
             "classifier": self.classifier_model,
             "sentiment": self.sentiment_model,
@@ -175,11 +179,11 @@ class ServingService:
             predictors["sentiment"],
             Vocabulary.load(artifacts["sentiment"].path("vocab.json")),
         )
-        generator_config = get_spec(MODEL_KEYS["generator"]).config_from_dict(
-            artifacts["generator"].config
-        )
+        # Read from the artifact's config.json as plain values: the config dataclass
+        # lives beside the torch module, which an ONNX-only worker never imports.
+        generator_config = artifacts["generator"].config
         self.generation = DigitGeneration(
-            predictors["generator"], generator_config.latent_dim, generator_config.num_classes
+            predictors["generator"], generator_config["latent_dim"], generator_config["num_classes"]
         )
         self.batchers = self._build_batchers(settings.resolve_batching(self.device.type))
         self._log_summary(stored, artifacts, predictors)
@@ -236,7 +240,7 @@ class ServingService:
         log.info(
             "device %s (%s), %d worker(s)",
             self.device,
-            torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU",
+            device_name(self.device),
             SETTINGS.workers,
         )
         for key, model in stored.items():
@@ -501,9 +505,9 @@ class ServingService:
             raise ServiceBusy(f"the server is busy ({error}); retry shortly") from None
 
 
-def _placement(key: str, device: torch.device) -> Placement:
+def _placement(key: str, device: Device) -> Placement:
     model = SETTINGS.models[key]
-    backend = resolve_backend(model, device.type)
+    backend = resolve_backend(model, device.type, torch_installed())
     return Placement(
         backend=backend,
         device=device,

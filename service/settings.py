@@ -305,9 +305,12 @@ def current_settings() -> Settings:
     return Settings.from_env()
 
 
-def resolve_backend(model: ModelSettings, device_type: str) -> str:
+def resolve_backend(model: ModelSettings, device_type: str, torch_installed: bool = True) -> str:
+    """``auto`` → the measured default for this device; ONNX Runtime where torch is absent."""
     if model.backend != "auto":
         return model.backend
+    if not torch_installed:
+        return "onnx"
     return AUTO_BACKEND["cuda" if device_type == "cuda" else "cpu"][model.key]
 
 

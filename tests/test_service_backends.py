@@ -18,16 +18,17 @@ import torch
 from models.artifacts import ONNX_FILE, staged_artifact
 from models.registry import DIGIT_GENERATOR, REGISTRY, SENTIMENT_CLASSIFIER, get_spec
 from models.tokenizer import Vocabulary
-from service.backends import BackendError, Placement, load_predictor
+from service import backends
+from service.backends import BackendError, Device, Placement, check_placement, load_predictor
 from service.inference import DigitGeneration, SentimentClassification
 from service.measure_backends import example_batch
 from service.model_store import resolve_tag
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CPU = torch.device("cpu")
+CPU = Device("cpu")
 
 
-def placement(backend: str, precision: str = "fp32", device: torch.device = CPU) -> Placement:
+def placement(backend: str, precision: str = "fp32", device: Device = CPU) -> Placement:
     return Placement(backend=backend, device=device, precision=precision, threads=1)
 
 
@@ -114,12 +115,47 @@ def test_impossible_placements_are_refused(artifacts):
         load_predictor(spec, artifacts["mnist-cnn"], placement("tensorrt"))
 
 
+def test_without_torch_the_torch_backend_is_refused_and_auto_means_onnx(artifacts, monkeypatch):
+    from service.settings import ModelSettings, resolve_backend
+
+    monkeypatch.setattr(backends, "torch_installed", lambda: False)
+    with pytest.raises(BackendError, match="needs PyTorch"):
+        check_placement(get_spec("mnist-cnn"), artifacts["mnist-cnn"], placement("torch"))
+    check_placement(get_spec("mnist-cnn"), artifacts["mnist-cnn"], placement("onnx"))
+    auto = ModelSettings(
+        key="classifier", registry_name="mnist-cnn", tag=None, backend="auto", precision="auto"
+    )
+    assert resolve_backend(auto, "cuda", torch_installed=False) == "onnx"
+    assert resolve_backend(auto, "cuda", torch_installed=True) == "torch"
+
+
+def test_the_device_is_chosen_from_the_gpus_the_driver_reports(monkeypatch):
+    monkeypatch.setattr(backends, "visible_gpus", lambda: [])  # this machine's answer
+    assert backends.resolve_device("auto") == CPU and backends.resolve_device("cpu") == CPU
+    with pytest.raises(BackendError, match="0 usable GPU"):
+        backends.resolve_device("cuda")
+    monkeypatch.setattr(backends, "visible_gpus", lambda: ["NVIDIA H100 80GB HBM3"])
+    assert backends.resolve_device("auto") == Device("cuda", 0)
+    assert str(backends.resolve_device("cuda:0")) == "cuda:0"
+    assert backends.device_name(Device("cuda", 0)) == "NVIDIA H100 80GB HBM3"
+    with pytest.raises(BackendError, match="1 usable GPU"):
+        backends.resolve_device("cuda:1")
+
+
+@pytest.mark.parametrize(
+    ("visible", "expected"),
+    [(None, ["a", "b"]), ("", []), ("-1", []), ("1", ["b"]), ("1,0", ["b", "a"]), ("0,7,1", ["a"])],
+)
+def test_cuda_visible_devices_is_read_as_cuda_reads_it(visible, expected):
+    assert backends.cuda_visible(["a", "b"], visible) == expected
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_half_precision_on_the_gpu_keeps_parity(artifacts, name):
     spec = get_spec(name)
-    cuda = torch.device("cuda")
+    cuda = Device("cuda", 0)
     reference = load_predictor(spec, artifacts[name], placement("torch", "fp32", cuda))
     half = load_predictor(spec, artifacts[name], placement("torch", "fp16", cuda))
     inputs = example_batch(spec, artifacts[name].config, 64)
