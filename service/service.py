@@ -65,7 +65,7 @@ from service.inference import (
 )
 from service.memory import PixelBudget, RequestPixels, return_freed_memory_promptly
 from service.metrics import endpoint_metrics, use_instance_folder
-from service.model_store import check_store_entries, load_stored_artifact, resolve_tag
+from service.model_store import check_store_entries, load_stored_artifact, served_model_tags
 from service.requests import (
     GenerateInput,
     SentimentBatchInput,
@@ -102,9 +102,7 @@ use_instance_folder()
 SETTINGS = current_settings()
 # Before the worker's HTTP server starts: limits on headers, connections and shutdown.
 install_connection_limits(SETTINGS.connections)
-TAGS = {
-    key: resolve_tag(get_spec(name), SETTINGS.models[key].tag) for key, name in MODEL_KEYS.items()
-}
+TAGS = served_model_tags({key: SETTINGS.models[key].tag for key in MODEL_KEYS})
 check_store_entries(TAGS.values())
 
 # The media types each API route takes, and which endpoint's batcher each route feeds.

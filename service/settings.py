@@ -18,9 +18,9 @@ Device and inference backend
     SERVING_WORKERS             BentoML worker processes, each with its own models (default 1)
 
 Models (BentoML model store tags; ``BENTOML_HOME`` chooses the store)
-    SERVING_<MODEL>_TAG         default: the registry name and the content version of the
-                                artifact in models/artifacts/<name>/ (what ``python -m
-                                training.register`` imported), else ``<name>:latest``
+    SERVING_<MODEL>_TAG         default: the version pinned in service/served_models.json
+                                (what ``python -m training.register`` imported from
+                                models/artifacts/), else ``<name>:latest``
 
 Adaptive batching, per endpoint (<ENDPOINT> is CLASSIFY, SENTIMENT or GENERATE)
     SERVING_BATCHING                    on | off   (default on; off runs every request alone)

@@ -19,6 +19,7 @@ from models.artifacts import ONNX_FILE, staged_artifact
 from models.registry import DIGIT_GENERATOR, REGISTRY, SENTIMENT_CLASSIFIER, get_spec
 from models.tokenizer import Vocabulary
 from service import backends
+from service import model_store as model_store_module
 from service.backends import BackendError, Device, Placement, check_placement, load_predictor
 from service.inference import DigitGeneration, SentimentClassification
 from service.measure_backends import example_batch
@@ -166,11 +167,45 @@ def test_half_precision_on_the_gpu_keeps_parity(artifacts, name):
         assert (actual.argmax(axis=1) == expected.argmax(axis=1)).mean() >= 0.99
 
 
-def test_the_service_pins_the_tags_the_registration_creates(release_artifacts, model_store):
+def test_the_service_serves_the_pinned_tags_of_the_released_artifacts(model_store):
+    assert model_store_module.served_tags() == model_store  # what registration created
     for name, spec in REGISTRY.items():
-        assert resolve_tag(spec, root=release_artifacts) == model_store[name]
+        assert resolve_tag(spec) == model_store[name]
     assert resolve_tag(get_spec("mnist-cnn"), "mnist-cnn:custom") == "mnist-cnn:custom"
-    assert resolve_tag(get_spec("mnist-cnn"), root=Path("/nonexistent")) == "mnist-cnn:latest"
+    assert resolve_tag(get_spec("mnist-cnn"), pins={}) == "mnist-cnn:latest"
+
+
+def test_registration_pins_the_released_artifacts_only(release_artifacts, tmp_path, monkeypatch):
+    from training import register
+
+    pins = tmp_path / "served_models.json"
+    monkeypatch.setattr(model_store_module, "SERVED_MODELS_FILE", pins)
+    spec = get_spec("mnist-cnn")
+    released = spec.bento_tag(spec.load_artifact(spec.artifact_dir(release_artifacts)).metadata)
+    elsewhere = tmp_path / "artifacts"
+    shutil.copytree(spec.artifact_dir(release_artifacts), elsewhere / "mnist-cnn")
+    assert register.main(["--model", "mnist-cnn", "--artifacts-dir", str(elsewhere)]) == 0
+    assert not pins.exists()
+    assert register.main(["--model", "mnist-cnn", "--artifacts-dir", str(elsewhere), "--pin"]) == 0
+    assert model_store_module.served_tags(pins) == {"mnist-cnn": released}
+    pinned_bytes = pins.read_bytes()
+    assert register.main(["--model", "mnist-cnn"]) == 0  # the released ones: pinned, unchanged
+    assert pins.read_bytes() == pinned_bytes
+    assert model_store_module.pin_served_tags(["sst2-bilstm:abc"], pins)
+    assert model_store_module.served_tags(pins) == {
+        "mnist-cnn": released,
+        "sst2-bilstm": "sst2-bilstm:abc",
+    }
+    assert not model_store_module.pin_served_tags(["sst2-bilstm:abc"], pins)
+
+
+@pytest.mark.parametrize("content", ['{"mnist-cnn": "mnist-cnn:1"', '{"mnist-cnn": "other:1"}'])
+def test_an_unreadable_file_of_pins_stops_the_start_naming_it(tmp_path, monkeypatch, content):
+    pins = tmp_path / "served_models.json"
+    pins.write_text(content)
+    monkeypatch.setattr(model_store_module, "SERVED_MODELS_FILE", pins)
+    with pytest.raises(SystemExit, match=f"cannot start: {pins}"):
+        model_store_module.served_model_tags({})
 
 
 def test_the_service_refuses_to_start_without_the_configured_backend_file(
@@ -187,6 +222,8 @@ def test_the_service_refuses_to_start_without_the_configured_backend_file(
         "MODEL_ARTIFACTS_DIR": str(root),
         "SERVING_DEVICE": "cpu",
         "SERVING_BACKEND": "onnx",
+        # The damaged copy has another version than the pinned release.
+        "SERVING_SENTIMENT_TAG": "sst2-bilstm:latest",
     }
     subprocess.run(
         [sys.executable, "-m", "training.register"],
