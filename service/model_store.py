@@ -7,7 +7,7 @@ it registers the released artifacts, records those tags in
 version of each model the service serves: the bento carries it, and nothing
 else of the artifacts tree, so ``make serve`` and a built bento serve exactly
 the released models even when the store holds other versions. A
-``SERVING_<MODEL>_TAG`` setting overrides it; a model it does not name is
+``SERVING_<ENDPOINT>_TAG`` setting overrides it; a model it does not name is
 served at ``<name>:latest``.
 """
 

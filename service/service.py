@@ -90,6 +90,7 @@ from service.schemas import (
 )
 from service.settings import (
     MODEL_KEYS,
+    RENAMED_MODEL_SETTINGS,
     current_settings,
     resolve_backend,
     resolve_precision,
@@ -118,7 +119,6 @@ BATCHER_ROUTES = {
     "sentiment": ("/sentiment", "/sentiment_batch"),
     "generate": ("/generate",),
 }
-MODEL_ENDPOINTS = {"classifier": "classify", "sentiment": "sentiment", "generator": "generate"}
 ROUTE_ENDPOINTS = {route: name for name, routes in BATCHER_ROUTES.items() for route in routes}
 # An image larger than this is decoded on a worker thread rather than in the
 # batcher's, so that it does not hold up the other requests' batches.
@@ -142,20 +142,22 @@ class ServingService:
     with a JSON body ``{"error": "...", "detail": [{"type", "loc", "msg"}]}``.
     """
 
-    classifier_model = bentoml.models.BentoModel(TAGS["classifier"])
+    classify_model = bentoml.models.BentoModel(TAGS["classify"])
     sentiment_model = bentoml.models.BentoModel(TAGS["sentiment"])
-    generator_model = bentoml.models.BentoModel(TAGS["generator"])
+    generate_model = bentoml.models.BentoModel(TAGS["generate"])
 
     def __init__(self) -> None:
         settings = SETTINGS
         _configure_logging(settings.log_level)
+        for old in settings.renamed_in_use:
+            log.warning("%s is deprecated: use %s", old, RENAMED_MODEL_SETTINGS[old])
         self.device = resolve_device(settings.device)
         if any(_placement(key, self.device).backend == "torch" for key in MODEL_KEYS):
             use_torch_threads(settings.threads_per_model())
         stored = {
-            "classifier": self.classifier_model,
+            "classify": self.classify_model,
             "sentiment": self.sentiment_model,
-            "generator": self.generator_model,
+            "generate": self.generate_model,
         }
         self.limits = settings.limits
         self.max_form_parts = settings.limits.max_items_per_request + EXTRA_FORM_PARTS
@@ -164,14 +166,14 @@ class ServingService:
         predictors = {
             key: TimedPredictor(
                 self._load_predictor(key, artifacts[key]),
-                self.metrics[MODEL_ENDPOINTS[key]].observe_model_seconds,
+                self.metrics[key].observe_model_seconds,
             )
             for key in stored
         }
 
         return_freed_memory_promptly()
         self.classification = DigitClassification(
-            predictors["classifier"], PixelBudget(settings.limits.max_decode_pixels)
+            predictors["classify"], PixelBudget(settings.limits.max_decode_pixels)
         )
         self.sentiment_task = SentimentClassification(
             predictors["sentiment"],
@@ -179,9 +181,9 @@ class ServingService:
         )
         # Read from the artifact's config.json as plain values: the config dataclass
         # lives beside the torch module, which an ONNX-only worker never imports.
-        generator_config = artifacts["generator"].config
+        generator_config = artifacts["generate"].config
         self.generation = DigitGeneration(
-            predictors["generator"], generator_config["latent_dim"], generator_config["num_classes"]
+            predictors["generate"], generator_config["latent_dim"], generator_config["num_classes"]
         )
         self.batchers = self._build_batchers(settings.resolve_batching(self.device.type))
         self._log_summary(stored, artifacts, predictors)

@@ -124,7 +124,7 @@ def test_without_torch_the_torch_backend_is_refused_and_auto_means_onnx(artifact
         check_placement(get_spec("mnist-cnn"), artifacts["mnist-cnn"], placement("torch"))
     check_placement(get_spec("mnist-cnn"), artifacts["mnist-cnn"], placement("onnx"))
     auto = ModelSettings(
-        key="classifier", registry_name="mnist-cnn", tag=None, backend="auto", precision="auto"
+        key="classify", registry_name="mnist-cnn", tag=None, backend="auto", precision="auto"
     )
     assert resolve_backend(auto, "cuda", torch_installed=False) == "onnx"
     assert resolve_backend(auto, "cuda", torch_installed=True) == "torch"

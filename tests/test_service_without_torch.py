@@ -136,7 +136,7 @@ def test_without_torch_every_model_is_served_by_onnx_runtime(torchless_server):
     parent, workers = _server_processes(torchless_server)
     assert not _loads_torch(parent) and not any(_loads_torch(w) for w in workers)
     log = torchless_server.log()
-    for key in ("classifier", "sentiment", "generator"):
+    for key in ("classify", "sentiment", "generate"):
         assert f"model {key}: " in log
     assert log.count("onnx on cpu (fp32") == 3
 
