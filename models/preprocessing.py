@@ -7,26 +7,30 @@
   same result, several times cheaper per image (the service's path).
 * ``normalize_digits`` / ``digits_from_generator_output``: the pixel
   conventions that link the data set, the classifier and the generator.
-* ``encode_texts``: tokenised texts → padded id tensor + lengths.
-* ``latent_batch``: reproducible latent vectors and labels from a seed.
+* ``encode_text_arrays`` / ``encode_texts``: tokenised texts → padded ids +
+  lengths, as arrays (the service) or tensors (training).
+* ``latent_arrays`` / ``latent_batch``: reproducible latent vectors and labels
+  from a seed, as arrays or tensors.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from models.tokenizer import PAD_ID
 
-# torch is imported by the three functions that build tensors, so that the image
-# constants and the numpy preprocessing load without it (the serving parent process
-# imports this module but runs no model).
+# torch is imported only by the functions that build tensors, for training: the
+# service runs on the NumPy functions, so that the serving parent process and the
+# ONNX-only image never import it.
 if TYPE_CHECKING:
     import torch
+
+ArrayT = TypeVar("ArrayT", "torch.Tensor", np.ndarray)
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -39,14 +43,15 @@ WORKING_SIDE = 256
 INK_THRESHOLD = 0.1
 
 
-def normalize_digits(pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels in ``[0, 1]`` (white ink on black) → the classifier's input scale."""
+def normalize_digits(pixels: ArrayT) -> ArrayT:
+    """Pixels in ``[0, 1]`` (white ink on black) → the classifier's input scale (a tensor
+    or an array)."""
     return (pixels - MNIST_MEAN) / MNIST_STD
 
 
-def digits_from_generator_output(images: torch.Tensor) -> torch.Tensor:
-    """Generator output in ``[-1, 1]`` → pixels in ``[0, 1]``."""
-    return ((images + 1) / 2).clamp(0, 1)
+def digits_from_generator_output(images: ArrayT) -> ArrayT:
+    """Generator output in ``[-1, 1]`` → pixels in ``[0, 1]`` (a tensor or an array)."""
+    return ((images + 1) / 2).clip(0, 1)
 
 
 def _grayscale_unit(image: Image.Image) -> np.ndarray:
@@ -237,36 +242,51 @@ def digit_tensor_from_image(image: Image.Image) -> torch.Tensor:
     return normalize_digits(pixels).unsqueeze(0)
 
 
-def encode_texts(id_sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_text_arrays(id_sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Id lists → (``N×T`` int64 ids padded with ``PAD_ID``, ``N`` int64 lengths).
 
     An empty sequence is encoded as one padding token with length 1, so every
     row has a valid position to pool over; callers reject empty text earlier.
     """
+    lengths = np.array([max(1, len(ids)) for ids in id_sequences], dtype=np.int64)
+    token_ids = np.full((len(id_sequences), int(lengths.max())), PAD_ID, dtype=np.int64)
+    for row, ids in enumerate(id_sequences):
+        token_ids[row, : len(ids)] = ids
+    return token_ids, lengths
+
+
+def encode_texts(id_sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode_text_arrays`` as tensors, for training and evaluation."""
     import torch
 
-    lengths = torch.tensor([max(1, len(ids)) for ids in id_sequences], dtype=torch.int64)
-    token_ids = torch.full((len(id_sequences), int(lengths.max())), PAD_ID, dtype=torch.int64)
-    for row, ids in enumerate(id_sequences):
-        token_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
-    return token_ids, lengths
+    token_ids, lengths = encode_text_arrays(id_sequences)
+    return torch.from_numpy(token_ids), torch.from_numpy(lengths)
+
+
+def latent_arrays(
+    count: int, latent_dim: int, seed: int, digit: int | None = None, num_classes: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` float32 latent vectors and int64 labels, reproducible from ``seed``.
+
+    NumPy's PCG64 generator gives the same numbers on every machine and does not
+    need torch, so a seed means the same digits whichever backend serves them (the
+    ONNX-only image has no torch). Without ``digit`` the labels are drawn from the
+    same generator, after the latent vectors.
+    """
+    generator = np.random.default_rng(seed)
+    latent = generator.standard_normal((count, latent_dim), dtype=np.float32)
+    if digit is None:
+        labels = generator.integers(0, num_classes, count, dtype=np.int64)
+    else:
+        labels = np.full(count, digit, dtype=np.int64)
+    return latent, labels
 
 
 def latent_batch(
     count: int, latent_dim: int, seed: int, digit: int | None = None, num_classes: int = 10
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` latent vectors and labels, reproducible from ``seed`` on any machine.
-
-    The CPU generator is used whatever the serving device, so the same seed
-    gives the same inputs everywhere. Without ``digit`` the labels are drawn
-    from the same generator.
-    """
+    """``latent_arrays`` as tensors, for training and evaluation."""
     import torch
 
-    generator = torch.Generator().manual_seed(seed)
-    latent = torch.randn(count, latent_dim, generator=generator)
-    if digit is None:
-        labels = torch.randint(0, num_classes, (count,), generator=generator)
-    else:
-        labels = torch.full((count,), digit, dtype=torch.int64)
-    return latent, labels
+    latent, labels = latent_arrays(count, latent_dim, seed, digit, num_classes)
+    return torch.from_numpy(latent), torch.from_numpy(labels)

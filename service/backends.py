@@ -13,20 +13,30 @@ Two implementations:
 
 ``load_predictor`` builds either from a verified artifact directory and fails
 with a clear message when the requested backend cannot run (no ONNX file, no
-CUDA provider, half precision on the CPU): there is no silent fallback.
+CUDA provider, half precision on the CPU, no PyTorch installed): there is no
+silent fallback.
+
+torch is imported only when a PyTorch model is loaded. Choosing a device asks
+the NVIDIA driver (NVML) instead, so the ``bentoml serve`` parent process, which
+runs no model, and the ONNX-only CPU image never import it.
 """
 
 from __future__ import annotations
 
 import abc
+import importlib.util
 import logging
+import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from models.artifacts import ONNX_FILES, Artifact
 from models.registry import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +45,33 @@ class BackendError(RuntimeError):
     """The configured backend cannot run this model here."""
 
 
+def torch_installed() -> bool:
+    """Whether PyTorch can be imported here, without importing it."""
+    return importlib.util.find_spec("torch") is not None
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device as torch names it (``cpu``, ``cuda:0``), without importing torch."""
+
+    type: str  # cpu | cuda
+    index: int | None = None
+
+    @classmethod
+    def parse(cls, name: str) -> Device:
+        kind, _, index = name.partition(":")
+        return cls(kind, int(index) if index else None)
+
+    def __str__(self) -> str:
+        return self.type if self.index is None else f"{self.type}:{self.index}"
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where and how a model runs."""
 
     backend: str  # torch | onnx
-    device: torch.device
+    device: Device
     precision: str  # fp32 | fp16 | int8 (int8: ONNX only)
     threads: int
 
@@ -64,22 +95,32 @@ class TorchPredictor(Predictor):
     def __init__(self, spec: ModelSpec, artifact: Artifact, placement: Placement) -> None:
         super().__init__(spec, placement)
         check_placement(spec, artifact, placement)
-        module = spec.load_module(artifact, placement.device)
+        import torch
+
+        if placement.device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendError(
+                f"{spec.name}: the NVIDIA driver reports a GPU but PyTorch cannot use CUDA "
+                f"(torch {torch.__version__}); install a CUDA build of torch or use "
+                "SERVING_DEVICE=cpu"
+            )
+        self._torch = torch  # bound once: the module is imported here, not at the top
+        self._device = torch.device(str(placement.device))
+        module = spec.load_module(artifact, self._device)
         self._float_dtype = torch.float16 if placement.precision == "fp16" else torch.float32
         self.module = module.to(self._float_dtype)
         self._non_blocking = placement.device.type == "cuda"
 
     def __call__(self, *inputs: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
+        with self._torch.inference_mode():
             tensors = [self._to_device(array) for array in inputs]
             output = self.module(*tensors)
             return output.float().cpu().numpy()
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
+        tensor = self._torch.from_numpy(array)
         if tensor.is_floating_point():
             tensor = tensor.to(self._float_dtype)
-        return tensor.to(self.placement.device, non_blocking=self._non_blocking)
+        return tensor.to(self._device, non_blocking=self._non_blocking)
 
 
 class OnnxPredictor(Predictor):
@@ -124,19 +165,82 @@ class OnnxPredictor(Predictor):
         return self.session.run(None, feeds)[0]
 
 
-def resolve_device(requested: str) -> torch.device:
-    """``auto`` → the first GPU when CUDA is available, else the CPU; a GPU must exist if asked."""
+def visible_gpus() -> list[str]:
+    """The names of the NVIDIA GPUs this process may use, in CUDA's order.
+
+    Asked of the driver through NVML (``nvidia-ml-py``, a BentoML dependency), which
+    needs neither torch nor a CUDA runtime; ``CUDA_VISIBLE_DEVICES`` is honoured as
+    CUDA would (an empty value or ``-1`` hides every GPU).
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no library: no usable GPU
+        return []
+    try:
+        names = [
+            pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(index))
+            for index in range(pynvml.nvmlDeviceGetCount())
+        ]
+    except Exception:
+        return []
+    finally:
+        pynvml.nvmlShutdown()
+    return cuda_visible(names, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def cuda_visible(names: list[str], visible: str | None) -> list[str]:
+    """The GPUs that ``CUDA_VISIBLE_DEVICES`` leaves visible, in the order it lists them."""
+    if visible is None:
+        return names
+    chosen = []
+    for entry in visible.split(","):
+        entry = entry.strip()
+        if not entry.isdigit() or int(entry) >= len(names):
+            break  # CUDA ignores the list from the first entry it cannot use
+        chosen.append(names[int(entry)])
+    return chosen
+
+
+def resolve_device(requested: str) -> Device:
+    """``auto`` → the first GPU when there is one, else the CPU; a GPU must exist if asked."""
+    gpus = visible_gpus() if requested != "cpu" else []
     if requested == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"device {requested!r} was requested but CUDA is not available")
+        return Device("cuda", 0) if gpus else Device("cpu")
+    device = Device.parse(requested)
+    if device.type == "cuda" and (device.index or 0) >= len(gpus):
+        raise BackendError(
+            f"device {requested!r} was requested but the NVIDIA driver reports "
+            f"{len(gpus)} usable GPU(s)"
+        )
     return device
+
+
+def device_name(device: Device) -> str:
+    """A human name for the start-up log: the GPU's model, or ``CPU``."""
+    if device.type != "cuda":
+        return "CPU"
+    gpus = visible_gpus()
+    index = device.index or 0
+    return gpus[index] if index < len(gpus) else str(device)
+
+
+def use_torch_threads(threads: int) -> None:
+    """Set PyTorch's intra-op threads (one setting per process) before its models load."""
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def check_placement(spec: ModelSpec, artifact: Artifact, placement: Placement) -> None:
     """Raise ``BackendError`` if this model cannot run so; cheap, builds nothing."""
     if placement.backend == "torch":
+        if not torch_installed():
+            raise BackendError(
+                f"{spec.name}: the torch backend needs PyTorch, which is not installed here; "
+                "serve through ONNX Runtime (SERVING_BACKEND=onnx)"
+            )
         if placement.precision not in ("fp32", "fp16"):
             raise BackendError(f"{spec.name}: the torch backend runs fp32 or fp16")
         if placement.precision == "fp16" and placement.device.type != "cuda":

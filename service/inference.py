@@ -28,15 +28,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
 from models.preprocessing import (
     WORKING_SIDE,
     digit_pixels_from_images,
     digits_from_generator_output,
-    encode_texts,
-    latent_batch,
+    encode_text_arrays,
+    latent_arrays,
     normalize_digits,
     shrink_to_working_size,
 )
@@ -178,8 +177,8 @@ class SentimentClassification:
     def run_batch(self, rows: list[list[int]]) -> list[float]:
         scores = [0.0] * len(rows)
         for group in self._length_groups(rows):
-            token_ids, lengths = encode_texts([rows[i] for i in group])
-            logits = self.predictor(token_ids.numpy(), lengths.numpy())
+            token_ids, lengths = encode_text_arrays([rows[i] for i in group])
+            logits = self.predictor(token_ids, lengths)
             positive = softmax(logits.astype(np.float32))[:, 1]
             for index, score in zip(group, positive.tolist(), strict=True):
                 scores[index] = score
@@ -219,15 +218,12 @@ class DigitGeneration:
         self.pad_to: int | None = None
 
     def prepare(self, count: int, digit: int | None, seed: int) -> list[LatentRow]:
-        latent, labels = latent_batch(count, self.latent_dim, seed, digit, self.num_classes)
-        return [
-            LatentRow(row, label)
-            for row, label in zip(latent.numpy(), labels.tolist(), strict=True)
-        ]
+        latent, labels = latent_arrays(count, self.latent_dim, seed, digit, self.num_classes)
+        return [LatentRow(row, label) for row, label in zip(latent, labels.tolist(), strict=True)]
 
     def run_batch(self, rows: list[LatentRow]) -> list[np.ndarray]:
         images = self._raw(rows)
-        pixels = digits_from_generator_output(torch.from_numpy(images)).numpy()
+        pixels = digits_from_generator_output(images)
         return list(np.rint(pixels[:, 0] * 255).astype(np.uint8))
 
     def rows_independent_of_batch(self, sizes: Sequence[int]) -> bool:

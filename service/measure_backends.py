@@ -26,7 +26,7 @@ import torch
 from models.artifacts import ONNX_FILES
 from models.preprocessing import latent_batch
 from models.registry import REGISTRY, ModelSpec, artifacts_root
-from service.backends import BackendError, Placement, load_predictor, resolve_device
+from service.backends import BackendError, Device, Placement, load_predictor, resolve_device
 
 
 def example_batch(spec: ModelSpec, config: dict, size: int) -> tuple[np.ndarray, ...]:
@@ -43,7 +43,7 @@ def example_batch(spec: ModelSpec, config: dict, size: int) -> tuple[np.ndarray,
     return (torch.randn(size, 1, side, side, generator=generator).numpy(),)
 
 
-def candidates(device: torch.device, artifact_files: dict) -> list[tuple[str, str]]:
+def candidates(device: Device, artifact_files: dict) -> list[tuple[str, str]]:
     found = [("torch", "fp32")]
     if device.type == "cuda":
         found.append(("torch", "fp16"))
@@ -64,7 +64,7 @@ def time_call(predictor, inputs: tuple[np.ndarray, ...], repeat: int) -> float:
 
 
 def measure(
-    root: Path, device: torch.device, batch_sizes: list[int], repeat: int, threads: int
+    root: Path, device: Device, batch_sizes: list[int], repeat: int, threads: int
 ) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []

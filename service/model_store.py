@@ -1,32 +1,86 @@
 """Which model store entries the service loads, and reading them back as artifacts.
 
 ``python -m training.register`` imports each artifact directory verbatim into
-the BentoML model store under ``<registry name>:<content version>``. The
-service pins the same tag by reading the committed artifact's metadata.json
-(kilobytes; the weights are never read from there), so ``make serve`` serves
-exactly the models in the repository even when the store holds other versions.
-A ``SERVING_<MODEL>_TAG`` setting overrides this; without either, the newest
-version in the store (``<name>:latest``) is used.
+the BentoML model store under ``<registry name>:<content version>`` and, when
+it registers the released artifacts, records those tags in
+``service/served_models.json``. That file is the one place that says which
+version of each model the service serves: the bento carries it, and nothing
+else of the artifacts tree, so ``make serve`` and a built bento serve exactly
+the released models even when the store holds other versions. A
+``SERVING_<ENDPOINT>_TAG`` setting overrides it; a model it does not name is
+served at ``<name>:latest``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import bentoml
 
-from models.artifacts import METADATA_FILE, Artifact, load_artifact, read_json
-from models.registry import ModelSpec, artifacts_root
+from models.artifacts import Artifact, load_artifact
+from models.registry import ModelSpec, get_spec
+from service.settings import MODEL_KEYS
+
+SERVED_MODELS_FILE = Path(__file__).resolve().with_name("served_models.json")
 
 
-def resolve_tag(spec: ModelSpec, override: str | None = None, root: Path | None = None) -> str:
+class ServedModelsError(ValueError):
+    """The file of served versions cannot be read; the message names it."""
+
+
+def served_tags(path: Path | None = None) -> dict[str, str]:
+    """Registry name → the pinned store tag (none pinned when the file does not exist)."""
+    path = path or SERVED_MODELS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        tags = json.loads(path.read_text())
+    except ValueError as error:
+        raise ServedModelsError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(tags, dict) or not all(
+        isinstance(tag, str) and tag.startswith(f"{name}:") for name, tag in tags.items()
+    ):
+        raise ServedModelsError(f'{path} must map each model name to "<name>:<version>"')
+    return tags
+
+
+def resolve_tag(
+    spec: ModelSpec, override: str | None = None, pins: Mapping[str, str] | None = None
+) -> str:
     if override:
         return override
-    metadata_path = spec.artifact_dir(root or artifacts_root()) / METADATA_FILE
-    if metadata_path.is_file():
-        return spec.bento_tag(read_json(metadata_path))
-    return f"{spec.bento_model_name}:latest"
+    pinned = (served_tags() if pins is None else pins).get(spec.name)
+    return pinned or f"{spec.bento_model_name}:latest"
+
+
+def served_model_tags(overrides: Mapping[str, str | None]) -> dict[str, str]:
+    """Model key → the tag to serve, for the service's models (``MODEL_KEYS``); a file
+    of pins that cannot be read stops the start with one line naming it."""
+    try:
+        pins = served_tags()
+    except ServedModelsError as error:
+        raise SystemExit(f"cannot start: {error}") from None
+    return {
+        key: resolve_tag(get_spec(name), overrides.get(key), pins)
+        for key, name in MODEL_KEYS.items()
+    }
+
+
+def pin_served_tags(tags: Iterable[str], path: Path | None = None) -> bool:
+    """Record these tags as the served versions of their models, keeping the others'.
+
+    The file is rewritten only when a pin changes (so that registering the same
+    release again leaves the checkout clean); returns whether it changed.
+    """
+    path = path or SERVED_MODELS_FILE
+    current = served_tags(path)
+    pinned = {**current, **{str(tag).partition(":")[0]: str(tag) for tag in tags}}
+    if pinned == current:
+        return False
+    path.write_text(json.dumps(dict(sorted(pinned.items())), indent=2) + "\n")
+    return True
 
 
 def load_stored_artifact(model_path: str | Path) -> Artifact:

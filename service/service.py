@@ -36,17 +36,20 @@ from typing import Any
 
 import bentoml
 import numpy as np
-import torch
 from PIL import Image
 from starlette.responses import Response
 
 from models.registry import get_spec
 from models.tokenizer import Vocabulary
 from service.backends import (
+    Device,
     Placement,
     check_placement,
+    device_name,
     load_predictor,
     resolve_device,
+    torch_installed,
+    use_torch_threads,
 )
 from service.batching import AdaptiveBatcher, QueueFull
 from service.connections import install as install_connection_limits
@@ -62,7 +65,7 @@ from service.inference import (
 )
 from service.memory import PixelBudget, RequestPixels, return_freed_memory_promptly
 from service.metrics import endpoint_metrics, use_instance_folder
-from service.model_store import check_store_entries, load_stored_artifact, resolve_tag
+from service.model_store import check_store_entries, load_stored_artifact, served_model_tags
 from service.requests import (
     GenerateInput,
     SentimentBatchInput,
@@ -87,6 +90,7 @@ from service.schemas import (
 )
 from service.settings import (
     MODEL_KEYS,
+    RENAMED_MODEL_SETTINGS,
     current_settings,
     resolve_backend,
     resolve_precision,
@@ -99,9 +103,7 @@ use_instance_folder()
 SETTINGS = current_settings()
 # Before the worker's HTTP server starts: limits on headers, connections and shutdown.
 install_connection_limits(SETTINGS.connections)
-TAGS = {
-    key: resolve_tag(get_spec(name), SETTINGS.models[key].tag) for key, name in MODEL_KEYS.items()
-}
+TAGS = served_model_tags({key: SETTINGS.models[key].tag for key in MODEL_KEYS})
 check_store_entries(TAGS.values())
 
 # The media types each API route takes, and which endpoint's batcher each route feeds.
@@ -117,7 +119,6 @@ BATCHER_ROUTES = {
     "sentiment": ("/sentiment", "/sentiment_batch"),
     "generate": ("/generate",),
 }
-MODEL_ENDPOINTS = {"classifier": "classify", "sentiment": "sentiment", "generator": "generate"}
 ROUTE_ENDPOINTS = {route: name for name, routes in BATCHER_ROUTES.items() for route in routes}
 # An image larger than this is decoded on a worker thread rather than in the
 # batcher's, so that it does not hold up the other requests' batches.
@@ -141,19 +142,22 @@ class ServingService:
     with a JSON body ``{"error": "...", "detail": [{"type", "loc", "msg"}]}``.
     """
 
-    classifier_model = bentoml.models.BentoModel(TAGS["classifier"])
+    classify_model = bentoml.models.BentoModel(TAGS["classify"])
     sentiment_model = bentoml.models.BentoModel(TAGS["sentiment"])
-    generator_model = bentoml.models.BentoModel(TAGS["generator"])
+    generate_model = bentoml.models.BentoModel(TAGS["generate"])
 
     def __init__(self) -> None:
         settings = SETTINGS
         _configure_logging(settings.log_level)
+        for old in settings.renamed_in_use:
+            log.warning("%s is deprecated: use %s", old, RENAMED_MODEL_SETTINGS[old])
         self.device = resolve_device(settings.device)
-        torch.set_num_threads(settings.threads_per_model())
+        if any(_placement(key, self.device).backend == "torch" for key in MODEL_KEYS):
+            use_torch_threads(settings.threads_per_model())
         stored = {
-            "classifier": self.classifier_model,
+            "classify": self.classify_model,
             "sentiment": self.sentiment_model,
-            "generator": self.generator_model,
+            "generate": self.generate_model,
         }
         self.limits = settings.limits
         self.max_form_parts = settings.limits.max_items_per_request + EXTRA_FORM_PARTS
@@ -162,24 +166,24 @@ class ServingService:
         predictors = {
             key: TimedPredictor(
                 self._load_predictor(key, artifacts[key]),
-                self.metrics[MODEL_ENDPOINTS[key]].observe_model_seconds,
+                self.metrics[key].observe_model_seconds,
             )
             for key in stored
         }
 
         return_freed_memory_promptly()
         self.classification = DigitClassification(
-            predictors["classifier"], PixelBudget(settings.limits.max_decode_pixels)
+            predictors["classify"], PixelBudget(settings.limits.max_decode_pixels)
         )
         self.sentiment_task = SentimentClassification(
             predictors["sentiment"],
             Vocabulary.load(artifacts["sentiment"].path("vocab.json")),
         )
-        generator_config = get_spec(MODEL_KEYS["generator"]).config_from_dict(
-            artifacts["generator"].config
-        )
+        # Read from the artifact's config.json as plain values: the config dataclass
+        # lives beside the torch module, which an ONNX-only worker never imports.
+        generator_config = artifacts["generate"].config
         self.generation = DigitGeneration(
-            predictors["generator"], generator_config.latent_dim, generator_config.num_classes
+            predictors["generate"], generator_config["latent_dim"], generator_config["num_classes"]
         )
         self.batchers = self._build_batchers(settings.resolve_batching(self.device.type))
         self._log_summary(stored, artifacts, predictors)
@@ -236,7 +240,7 @@ class ServingService:
         log.info(
             "device %s (%s), %d worker(s)",
             self.device,
-            torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU",
+            device_name(self.device),
             SETTINGS.workers,
         )
         for key, model in stored.items():
@@ -501,9 +505,9 @@ class ServingService:
             raise ServiceBusy(f"the server is busy ({error}); retry shortly") from None
 
 
-def _placement(key: str, device: torch.device) -> Placement:
+def _placement(key: str, device: Device) -> Placement:
     model = SETTINGS.models[key]
-    backend = resolve_backend(model, device.type)
+    backend = resolve_backend(model, device.type, torch_installed())
     return Placement(
         backend=backend,
         device=device,

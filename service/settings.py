@@ -6,21 +6,25 @@ Start the service with any of these set to change its behaviour, e.g.::
         bentoml serve service.service:ServingService --port 3000
 
 Device and inference backend
-    SERVING_DEVICE              auto | cpu | cuda | cuda:N   (default auto: CUDA when available)
+    SERVING_DEVICE              auto | cpu | cuda | cuda:N   (default auto: the first GPU the
+                                NVIDIA driver reports, else the CPU)
     SERVING_BACKEND             auto | torch | onnx          default backend of every model
-    SERVING_<MODEL>_BACKEND     per-model override; <MODEL> is CLASSIFIER, SENTIMENT or GENERATOR
-                                auto picks the fastest measured for the device (``AUTO_BACKEND``)
+    SERVING_<ENDPOINT>_BACKEND  per-model override, named after the model's endpoint: CLASSIFY,
+                                SENTIMENT or GENERATE (the older CLASSIFIER and GENERATOR
+                                still work); auto picks the fastest measured for the device
+                                (``AUTO_BACKEND``)
     SERVING_PRECISION           auto | fp32 | fp16 | int8    default precision of every model
-    SERVING_<MODEL>_PRECISION   per-model override; auto is fp16 for PyTorch on CUDA, else fp32;
+    SERVING_<ENDPOINT>_PRECISION
+                                per-model override; auto is fp16 for PyTorch on CUDA, else fp32;
                                 ONNX fp16/int8 need the exported model.fp16.onnx / model.int8.onnx
     SERVING_THREADS             intra-op threads of each model (default: the worker's share of
                                 the CPUs, less one for the LSTM; see ``threads_per_model``)
     SERVING_WORKERS             BentoML worker processes, each with its own models (default 1)
 
 Models (BentoML model store tags; ``BENTOML_HOME`` chooses the store)
-    SERVING_<MODEL>_TAG         default: the registry name and the content version of the
-                                artifact in models/artifacts/<name>/ (what ``python -m
-                                training.register`` imported), else ``<name>:latest``
+    SERVING_<ENDPOINT>_TAG      default: the version pinned in service/served_models.json
+                                (what ``python -m training.register`` imported from
+                                models/artifacts/), else ``<name>:latest``
 
 Adaptive batching, per endpoint (<ENDPOINT> is CLASSIFY, SENTIMENT or GENERATE)
     SERVING_BATCHING                    on | off   (default on; off runs every request alone)
@@ -72,13 +76,22 @@ from models.registry import DIGIT_GENERATOR, MNIST_CLASSIFIER, SENTIMENT_CLASSIF
 
 PREFIX = "SERVING_"
 
-# Registry name of the model behind each key used in setting names.
+# One name per model in settings, metrics and logs: the endpoint it serves
+# (SERVING_CLASSIFY_BACKEND, SERVING_CLASSIFY_MAX_BATCH_SIZE, endpoint="classify").
+# The batch routes (/classify_batch, /sentiment_batch) share their model's name.
 MODEL_KEYS: dict[str, str] = {
-    "classifier": MNIST_CLASSIFIER,
+    "classify": MNIST_CLASSIFIER,
     "sentiment": SENTIMENT_CLASSIFIER,
-    "generator": DIGIT_GENERATOR,
+    "generate": DIGIT_GENERATOR,
 }
-ENDPOINTS = ("classify", "sentiment", "generate")
+ENDPOINTS = tuple(MODEL_KEYS)
+# The per-model settings were first named after the model; a deployment may still
+# set the old names, which keep working (the new name wins) with a warning.
+RENAMED_MODEL_SETTINGS = {
+    f"{PREFIX}{old}_{setting}": f"{PREFIX}{new}_{setting}"
+    for old, new in (("CLASSIFIER", "CLASSIFY"), ("GENERATOR", "GENERATE"))
+    for setting in ("BACKEND", "PRECISION", "TAG")
+}
 
 BACKENDS = ("torch", "onnx")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -89,12 +102,12 @@ PRECISIONS = ("fp32", "fp16", "int8")
 #   sst2-bilstm  torch 0.72 / 12.7   onnx 0.31 / 11.9
 #   digit-gan    torch 1.39 / 32.2   onnx 0.49 / 29.4
 # so ONNX Runtime on the CPU. The kept int8 graphs are faster still (sst2-bilstm
-# 0.16 / 6.1 ms) but not bit-faithful, so they are opt-in (SERVING_<MODEL>_PRECISION=int8).
+# 0.16 / 6.1 ms) but not bit-faithful, so they are opt-in (SERVING_<ENDPOINT>_PRECISION=int8).
 # On CUDA the default is PyTorch in half precision under inference mode; it is not
 # measured here (no GPU): run the same command on the GPU and override where ONNX wins.
 AUTO_BACKEND: dict[str, dict[str, str]] = {
-    "cpu": {"classifier": "onnx", "sentiment": "onnx", "generator": "onnx"},
-    "cuda": {"classifier": "torch", "sentiment": "torch", "generator": "torch"},
+    "cpu": {"classify": "onnx", "sentiment": "onnx", "generate": "onnx"},
+    "cuda": {"classify": "torch", "sentiment": "torch", "generate": "torch"},
 }
 
 
@@ -194,10 +207,13 @@ class Settings:
     log_level: str = "INFO"
     access_log: bool = False
     tracing: bool = False
+    # Old variable names found in the environment (see RENAMED_MODEL_SETTINGS).
+    renamed_in_use: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = _Env(os.environ if environ is None else environ)
+        environ = os.environ if environ is None else environ
+        env = _Env(environ)
         workers = env.integer("WORKERS", 1, minimum=1)
         models = {
             key: ModelSettings(
@@ -269,6 +285,7 @@ class Settings:
             ).upper(),
             access_log=env.flag("ACCESS_LOG", False),
             tracing=env.flag("TRACING", False),
+            renamed_in_use=tuple(old for old in RENAMED_MODEL_SETTINGS if old in environ),
         )
 
     def threads_per_model(self, key: str | None = None, cpu_count: int | None = None) -> int:
@@ -305,9 +322,12 @@ def current_settings() -> Settings:
     return Settings.from_env()
 
 
-def resolve_backend(model: ModelSettings, device_type: str) -> str:
+def resolve_backend(model: ModelSettings, device_type: str, torch_installed: bool = True) -> str:
+    """``auto`` → the measured default for this device; ONNX Runtime where torch is absent."""
     if model.backend != "auto":
         return model.backend
+    if not torch_installed:
+        return "onnx"
     return AUTO_BACKEND["cuda" if device_type == "cuda" else "cpu"][model.key]
 
 
@@ -330,15 +350,27 @@ class _Env:
 
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.environ = environ
+        self._old_names = {new: old for old, new in RENAMED_MODEL_SETTINGS.items()}
+
+    def variable(self, name: str) -> str:
+        """The variable that ``name`` is read from: itself, or the old name it replaced
+        when only that one is set."""
+        variable = PREFIX + name
+        old = self._old_names.get(variable)
+        if old is not None and variable not in self.environ and old in self.environ:
+            return old
+        return variable
 
     def text(self, name: str, default: str | None) -> str | None:
-        value = self.environ.get(PREFIX + name, "").strip()
+        value = self.environ.get(self.variable(name), "").strip()
         return value or default
 
     def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
         value = (self.text(name, default) or default).lower()
         if value not in options:
-            raise SettingsError(f"{PREFIX}{name}={value!r}: expected one of {', '.join(options)}")
+            raise SettingsError(
+                f"{self.variable(name)}={value!r}: expected one of {', '.join(options)}"
+            )
         return value
 
     def flag(self, name: str, default: bool) -> bool:

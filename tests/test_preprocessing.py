@@ -13,7 +13,9 @@ from models.preprocessing import (
     digit_pixels_from_image,
     digit_tensor_from_image,
     digits_from_generator_output,
+    encode_text_arrays,
     encode_texts,
+    latent_arrays,
     latent_batch,
     normalize_digits,
 )
@@ -133,3 +135,17 @@ def test_latent_batch_is_reproducible_and_respects_digit() -> None:
     assert not torch.equal(latent_a, other)
     _, fixed = latent_batch(5, 8, seed=3, digit=7)
     assert fixed.tolist() == [7] * 5
+
+
+def test_the_service_arrays_are_the_training_tensors() -> None:
+    latent, labels = latent_arrays(16, 8, seed=3)
+    assert latent.dtype == np.float32 and labels.dtype == np.int64 and latent.shape == (16, 8)
+    tensors = latent_batch(16, 8, seed=3)
+    assert np.array_equal(tensors[0].numpy(), latent) and np.array_equal(tensors[1], labels)
+    ids, lengths = encode_text_arrays([[5, 6, 7], [8], []])
+    expected_ids, expected_lengths = encode_texts([[5, 6, 7], [8], []])
+    assert np.array_equal(lengths, expected_lengths.numpy())
+    assert np.array_equal(ids, expected_ids.numpy()) and lengths.tolist() == [3, 1, 1]
+    assert ids.dtype == np.int64 and lengths.dtype == np.int64
+    pixels = digits_from_generator_output(np.array([-1.0, 0.0, 1.0, 2.0], dtype=np.float32))
+    assert pixels.dtype == np.float32 and pixels.tolist() == [0.0, 0.5, 1.0, 1.0]

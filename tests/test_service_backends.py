@@ -18,16 +18,18 @@ import torch
 from models.artifacts import ONNX_FILE, staged_artifact
 from models.registry import DIGIT_GENERATOR, REGISTRY, SENTIMENT_CLASSIFIER, get_spec
 from models.tokenizer import Vocabulary
-from service.backends import BackendError, Placement, load_predictor
+from service import backends
+from service import model_store as model_store_module
+from service.backends import BackendError, Device, Placement, check_placement, load_predictor
 from service.inference import DigitGeneration, SentimentClassification
 from service.measure_backends import example_batch
 from service.model_store import resolve_tag
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CPU = torch.device("cpu")
+CPU = Device("cpu")
 
 
-def placement(backend: str, precision: str = "fp32", device: torch.device = CPU) -> Placement:
+def placement(backend: str, precision: str = "fp32", device: Device = CPU) -> Placement:
     return Placement(backend=backend, device=device, precision=precision, threads=1)
 
 
@@ -114,12 +116,47 @@ def test_impossible_placements_are_refused(artifacts):
         load_predictor(spec, artifacts["mnist-cnn"], placement("tensorrt"))
 
 
+def test_without_torch_the_torch_backend_is_refused_and_auto_means_onnx(artifacts, monkeypatch):
+    from service.settings import ModelSettings, resolve_backend
+
+    monkeypatch.setattr(backends, "torch_installed", lambda: False)
+    with pytest.raises(BackendError, match="needs PyTorch"):
+        check_placement(get_spec("mnist-cnn"), artifacts["mnist-cnn"], placement("torch"))
+    check_placement(get_spec("mnist-cnn"), artifacts["mnist-cnn"], placement("onnx"))
+    auto = ModelSettings(
+        key="classify", registry_name="mnist-cnn", tag=None, backend="auto", precision="auto"
+    )
+    assert resolve_backend(auto, "cuda", torch_installed=False) == "onnx"
+    assert resolve_backend(auto, "cuda", torch_installed=True) == "torch"
+
+
+def test_the_device_is_chosen_from_the_gpus_the_driver_reports(monkeypatch):
+    monkeypatch.setattr(backends, "visible_gpus", lambda: [])  # this machine's answer
+    assert backends.resolve_device("auto") == CPU and backends.resolve_device("cpu") == CPU
+    with pytest.raises(BackendError, match="0 usable GPU"):
+        backends.resolve_device("cuda")
+    monkeypatch.setattr(backends, "visible_gpus", lambda: ["NVIDIA H100 80GB HBM3"])
+    assert backends.resolve_device("auto") == Device("cuda", 0)
+    assert str(backends.resolve_device("cuda:0")) == "cuda:0"
+    assert backends.device_name(Device("cuda", 0)) == "NVIDIA H100 80GB HBM3"
+    with pytest.raises(BackendError, match="1 usable GPU"):
+        backends.resolve_device("cuda:1")
+
+
+@pytest.mark.parametrize(
+    ("visible", "expected"),
+    [(None, ["a", "b"]), ("", []), ("-1", []), ("1", ["b"]), ("1,0", ["b", "a"]), ("0,7,1", ["a"])],
+)
+def test_cuda_visible_devices_is_read_as_cuda_reads_it(visible, expected):
+    assert backends.cuda_visible(["a", "b"], visible) == expected
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_half_precision_on_the_gpu_keeps_parity(artifacts, name):
     spec = get_spec(name)
-    cuda = torch.device("cuda")
+    cuda = Device("cuda", 0)
     reference = load_predictor(spec, artifacts[name], placement("torch", "fp32", cuda))
     half = load_predictor(spec, artifacts[name], placement("torch", "fp16", cuda))
     inputs = example_batch(spec, artifacts[name].config, 64)
@@ -130,11 +167,45 @@ def test_half_precision_on_the_gpu_keeps_parity(artifacts, name):
         assert (actual.argmax(axis=1) == expected.argmax(axis=1)).mean() >= 0.99
 
 
-def test_the_service_pins_the_tags_the_registration_creates(release_artifacts, model_store):
+def test_the_service_serves_the_pinned_tags_of_the_released_artifacts(model_store):
+    assert model_store_module.served_tags() == model_store  # what registration created
     for name, spec in REGISTRY.items():
-        assert resolve_tag(spec, root=release_artifacts) == model_store[name]
+        assert resolve_tag(spec) == model_store[name]
     assert resolve_tag(get_spec("mnist-cnn"), "mnist-cnn:custom") == "mnist-cnn:custom"
-    assert resolve_tag(get_spec("mnist-cnn"), root=Path("/nonexistent")) == "mnist-cnn:latest"
+    assert resolve_tag(get_spec("mnist-cnn"), pins={}) == "mnist-cnn:latest"
+
+
+def test_registration_pins_the_released_artifacts_only(release_artifacts, tmp_path, monkeypatch):
+    from training import register
+
+    pins = tmp_path / "served_models.json"
+    monkeypatch.setattr(model_store_module, "SERVED_MODELS_FILE", pins)
+    spec = get_spec("mnist-cnn")
+    released = spec.bento_tag(spec.load_artifact(spec.artifact_dir(release_artifacts)).metadata)
+    elsewhere = tmp_path / "artifacts"
+    shutil.copytree(spec.artifact_dir(release_artifacts), elsewhere / "mnist-cnn")
+    assert register.main(["--model", "mnist-cnn", "--artifacts-dir", str(elsewhere)]) == 0
+    assert not pins.exists()
+    assert register.main(["--model", "mnist-cnn", "--artifacts-dir", str(elsewhere), "--pin"]) == 0
+    assert model_store_module.served_tags(pins) == {"mnist-cnn": released}
+    pinned_bytes = pins.read_bytes()
+    assert register.main(["--model", "mnist-cnn"]) == 0  # the released ones: pinned, unchanged
+    assert pins.read_bytes() == pinned_bytes
+    assert model_store_module.pin_served_tags(["sst2-bilstm:abc"], pins)
+    assert model_store_module.served_tags(pins) == {
+        "mnist-cnn": released,
+        "sst2-bilstm": "sst2-bilstm:abc",
+    }
+    assert not model_store_module.pin_served_tags(["sst2-bilstm:abc"], pins)
+
+
+@pytest.mark.parametrize("content", ['{"mnist-cnn": "mnist-cnn:1"', '{"mnist-cnn": "other:1"}'])
+def test_an_unreadable_file_of_pins_stops_the_start_naming_it(tmp_path, monkeypatch, content):
+    pins = tmp_path / "served_models.json"
+    pins.write_text(content)
+    monkeypatch.setattr(model_store_module, "SERVED_MODELS_FILE", pins)
+    with pytest.raises(SystemExit, match=f"cannot start: {pins}"):
+        model_store_module.served_model_tags({})
 
 
 def test_the_service_refuses_to_start_without_the_configured_backend_file(
@@ -151,6 +222,8 @@ def test_the_service_refuses_to_start_without_the_configured_backend_file(
         "MODEL_ARTIFACTS_DIR": str(root),
         "SERVING_DEVICE": "cpu",
         "SERVING_BACKEND": "onnx",
+        # The damaged copy has another version than the pinned release.
+        "SERVING_SENTIMENT_TAG": "sst2-bilstm:latest",
     }
     subprocess.run(
         [sys.executable, "-m", "training.register"],

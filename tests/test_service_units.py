@@ -41,9 +41,9 @@ from service.settings import Settings, SettingsError, resolve_backend, resolve_p
 def test_settings_defaults_and_overrides():
     defaults = Settings.from_env({})
     assert defaults.device == "auto" and defaults.workers == 1 and defaults.batching_enabled
-    assert resolve_backend(defaults.models["classifier"], "cpu") == "onnx"
-    assert resolve_precision(defaults.models["generator"], "torch", "cuda") == "fp16"
-    assert resolve_precision(defaults.models["generator"], "torch", "cpu") == "fp32"
+    assert resolve_backend(defaults.models["classify"], "cpu") == "onnx"
+    assert resolve_precision(defaults.models["generate"], "torch", "cuda") == "fp16"
+    assert resolve_precision(defaults.models["generate"], "torch", "cpu") == "fp32"
 
     settings = Settings.from_env(
         {
@@ -56,21 +56,48 @@ def test_settings_defaults_and_overrides():
             "SERVING_MAX_TEXT_CHARS": "100",
         }
     )
-    assert settings.models["classifier"].backend == "torch"
+    assert settings.models["classify"].backend == "torch"
     assert settings.models["sentiment"].backend == "onnx"
     assert not settings.batching_enabled
     assert settings.limits.max_text_chars == 100
     assert settings.threads_per_model(cpu_count=16) == 3  # a core per worker is left to HTTP
     assert settings.threads_per_model(cpu_count=2) == 1
     # The convolutional models take the worker's whole share; the LSTM leaves a core.
-    assert settings.threads_per_model("classifier", cpu_count=16) == 4
+    assert settings.threads_per_model("classify", cpu_count=16) == 4
     assert settings.threads_per_model("sentiment", cpu_count=16) == 3
-    assert Settings.from_env({}).threads_per_model("generator", cpu_count=2) == 2
-    assert Settings.from_env({"SERVING_THREADS": "1"}).threads_per_model("generator") == 1
+    assert Settings.from_env({}).threads_per_model("generate", cpu_count=2) == 2
+    assert Settings.from_env({"SERVING_THREADS": "1"}).threads_per_model("generate") == 1
     batching = settings.resolve_batching("cpu")
     assert batching["classify"].max_batch_size == 16
     assert batching["generate"].max_latency_ms == 0
     assert batching["sentiment"] == Settings.from_env({}).resolve_batching("cpu")["sentiment"]
+
+
+def test_per_model_settings_are_named_after_the_endpoint_and_the_old_names_still_work():
+    settings = Settings.from_env(
+        {
+            "SERVING_CLASSIFY_BACKEND": "torch",
+            "SERVING_GENERATE_PRECISION": "fp16",
+            "SERVING_SENTIMENT_TAG": "sst2-bilstm:abc",
+        }
+    )
+    assert settings.models["classify"].backend == "torch"
+    assert settings.models["generate"].precision == "fp16"
+    assert settings.models["sentiment"].tag == "sst2-bilstm:abc"
+    assert settings.renamed_in_use == ()
+
+    legacy = Settings.from_env(
+        {
+            "SERVING_CLASSIFIER_BACKEND": "torch",
+            "SERVING_GENERATOR_TAG": "digit-gan:old",
+            "SERVING_GENERATE_TAG": "digit-gan:new",  # the new name wins
+        }
+    )
+    assert legacy.models["classify"].backend == "torch"
+    assert legacy.models["generate"].tag == "digit-gan:new"
+    assert set(legacy.renamed_in_use) == {"SERVING_CLASSIFIER_BACKEND", "SERVING_GENERATOR_TAG"}
+    with pytest.raises(SettingsError, match="SERVING_CLASSIFIER_BACKEND='gpu'"):
+        Settings.from_env({"SERVING_CLASSIFIER_BACKEND": "gpu"})
 
 
 @pytest.mark.parametrize(

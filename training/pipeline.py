@@ -42,9 +42,10 @@ from models.registry import (
     artifacts_root,
     get_spec,
 )
+from service.model_store import SERVED_MODELS_FILE, pin_served_tags
 from training.common import default_data_dir
 from training.export import configure_logging, export_into
-from training.register import register_artifact
+from training.register import is_release_root, register_artifact
 from training.verify import VerificationError, evaluate_into, verify_into
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ def run_model(spec: ModelSpec, root: Path, args: argparse.Namespace) -> None:
     if args.register:
         with stage(spec, "register"):
             tag = register_artifact(spec, directory)
+            if is_release_root(args.artifacts_dir) and pin_served_tags([str(tag)]):
+                log.info("%s: pinned as served in %s", spec.name, SERVED_MODELS_FILE)
         log.info("%s: registered as %s", spec.name, tag)
 
 

@@ -9,6 +9,10 @@ into a BentoML model named by the registry. The version is derived from the
 artifact's checksums, so registering the same content twice yields the same
 tag instead of a new version per run. ``BENTOML_HOME`` chooses the store.
 
+Registering the released artifacts (``models/artifacts/``, the default) also pins
+their tags as the versions the service serves, in ``service/served_models.json``;
+artifacts from elsewhere are pinned only with ``--pin``.
+
 The store entry's metadata summarises the artifact's metadata.json: metrics,
 the test-split evaluation, ONNX signature and files, parity figures, the kept
 variants, the sha256 of every file and the framework versions that made it.
@@ -27,7 +31,15 @@ from typing import Any
 import bentoml
 
 from models.artifacts import METADATA_FILE, ONNX_FILE, ONNX_FILES, Artifact, ArtifactError
-from models.registry import REGISTRY, ModelSpec, get_spec, store_version
+from models.registry import (
+    PACKAGE_ARTIFACTS_DIR,
+    REGISTRY,
+    ModelSpec,
+    artifacts_root,
+    get_spec,
+    store_version,
+)
+from service.model_store import SERVED_MODELS_FILE, pin_served_tags
 from training.common import add_model_selection_arguments
 
 log = logging.getLogger(__name__)
@@ -159,6 +171,13 @@ def register_all(names: list[str] | None = None, root: Path | None = None) -> li
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_selection_arguments(parser, "register")
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"record the tags as the served versions in {SERVED_MODELS_FILE.name} "
+        "(default: only when registering the released artifacts)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -169,7 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for tag in tags:
         print(tag)
+    pin = args.pin if args.pin is not None else is_release_root(args.artifacts_dir)
+    if pin and pin_served_tags(str(tag) for tag in tags):
+        print(f"pinned as served: {SERVED_MODELS_FILE}")
     return 0
+
+
+def is_release_root(root: Path | None) -> bool:
+    """Whether ``root`` is the released artifacts' directory, whose versions are served."""
+    return (root or artifacts_root()).resolve() == PACKAGE_ARTIFACTS_DIR.resolve()
 
 
 if __name__ == "__main__":
