@@ -63,7 +63,7 @@ container: $(INSTALLED)
 
 # Starts the image built by `make container` and checks it over HTTP (several minutes).
 container-test: $(INSTALLED)
-	CONTAINER_IMAGE=localhost/$(IMAGE):$(VARIANT) $(BIN)/pytest -m container tests/test_container.py
+	CONTAINER_IMAGE=localhost/$(IMAGE):$(VARIANT) $(BIN)/pytest -m container -rP tests/test_container.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

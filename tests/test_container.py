@@ -72,9 +72,12 @@ def png(pixels: np.ndarray) -> bytes:
 
 
 def port_is_free(port: int) -> bool:
+    """Nothing listens on ``port`` (connections of the past may still be in TIME_WAIT)."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
+            probe.listen()
         except OSError:
             return False
     return True
@@ -227,14 +230,23 @@ def test_the_image_runs_as_a_non_root_user_without_build_tools(served):
         assert found.returncode != 0, f"{tool} is in the image: {found.stdout}"
 
 
-def test_the_image_holds_the_three_models_of_the_bento(served, release_artifacts):
-    from models.registry import REGISTRY
-    from service.model_store import resolve_tag
+def test_the_image_holds_the_three_models_of_the_bento(served):
+    from service.model_store import served_tags
 
-    for spec in REGISTRY.values():
-        name, version = resolve_tag(spec, root=release_artifacts).split(":")
-        path = f"/home/bentoml/bento/models/{name}/{version}"
+    tags = served_tags()
+    assert len(tags) == 3
+    for tag in tags.values():
+        path = "/home/bentoml/bento/models/{}/{}".format(*tag.split(":"))
         assert served.exec("test", "-f", f"{path}/model.yaml").returncode == 0, path
+
+
+def test_the_cpu_image_serves_without_torch(served):
+    if not served.config["Labels"]["org.opencontainers.image.version"].endswith("-cpu"):
+        pytest.skip("not the CPU image")
+    probe = "import importlib.util as u; print(u.find_spec('torch'), u.find_spec('onnxruntime'))"
+    found = served.exec("python", "-c", probe).stdout.split()
+    assert found[0] == "None" and found[1] != "None", found
+    assert "onnx on cpu" in served.log()
 
 
 def test_health_endpoints_and_the_image_health_check(served):
