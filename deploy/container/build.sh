@@ -36,7 +36,9 @@ if [ -z "$base" ]; then
         base=$BASE_IMAGE_STANDARD
     else
         echo "cannot pull $BASE_IMAGE_STANDARD: using a base made from Debian's packages"
+        base_started=$(date +%s)
         "$here/base.sh"
+        echo "base image ready in $(($(date +%s) - base_started)) s"
         base=$BASE_IMAGE_LOCAL
     fi
 fi
