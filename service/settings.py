@@ -97,7 +97,7 @@ BACKENDS = ("torch", "onnx")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 # The backend ``auto`` resolves to, per device type and model. Measured with
-# ``python -m service.measure_backends`` (1 thread, median ms per call at batch 1 / 64):
+# ``python -m bench.measure_backends`` (1 thread, median ms per call at batch 1 / 64):
 #   mnist-cnn    torch 0.64 / 27.9   onnx 0.10 / 5.1
 #   sst2-bilstm  torch 0.72 / 12.7   onnx 0.31 / 11.9
 #   digit-gan    torch 1.39 / 32.2   onnx 0.49 / 29.4

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import platform
 import random
 import shlex
@@ -18,13 +17,7 @@ import torch
 
 from models.artifacts import staged_artifact, write_model_files
 from models.registry import REGISTRY, ModelSpec, artifacts_root
-
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def default_data_dir() -> Path:
-    """``$DATA_DIR`` if set, else ``../shared/data`` beside the repository."""
-    return Path(os.environ.get("DATA_DIR", DEFAULT_DATA_DIR))
+from training.sources import default_data_dir
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -1,8 +1,8 @@
 """Measure every inference backend and precision per model on this machine.
 
-    python -m service.measure_backends                      # auto device, all models
-    python -m service.measure_backends --device cuda --batch-sizes 1 64 256
-    python -m service.measure_backends --json backends.json
+    python -m bench.measure_backends                      # auto device, all models
+    python -m bench.measure_backends --device cuda --batch-sizes 1 64 256
+    python -m bench.measure_backends --json backends.json
 
 For each model it loads the artifact (``models/artifacts`` or
 ``--artifacts-dir``), builds every predictor the device supports (PyTorch fp32,
