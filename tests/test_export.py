@@ -19,6 +19,7 @@ import onnxruntime
 import pytest
 import torch
 
+from models.onnx_session import open_session
 from models.preprocessing import encode_texts
 from models.registry import (
     DIGIT_GENERATOR,
@@ -61,11 +62,7 @@ def exported() -> dict[str, tuple[torch.nn.Module, object, onnx.ModelProto]]:
 
 
 def session(model: onnx.ModelProto) -> onnxruntime.InferenceSession:
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    return onnxruntime.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    return open_session(model.SerializeToString(), threads=1)
 
 
 def sentences(batch: int, length: int, seed: int) -> dict[str, np.ndarray]:
