@@ -91,9 +91,13 @@ def _import(path: str) -> Any:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """``config`` and ``module`` name the architecture as ``module:Class``, imported on
-    first use: reading specs (names, tags, files) does not import torch, so the
-    serving parent process and the tools that only read metadata stay small."""
+    """Every fact about one model.
+
+    ``config`` and ``module`` name the architecture as ``module:Class``, ``training``
+    the training script's module and ``verification.data`` its test-split builder,
+    all imported on first use: reading specs (names, tags, files, example inputs)
+    does not import torch, so the serving parent process and the tools that only
+    read metadata stay small."""
 
     name: str
     description: str
@@ -126,9 +130,14 @@ class ModelSpec:
         values = asdict(config) if is_dataclass(config) else dict(config)
         return self.example(values, batch_size, seed, sequence_length)
 
-    def example_feed(self, config: Any, batch_size: int = EXAMPLE_BATCH, seed: int = 0,
-                     sequence_length: int = EXAMPLE_LENGTH) -> dict[str, np.ndarray]:  # fmt: skip
-        """``example_inputs`` keyed by ONNX input name."""
+    def example_feed(
+        self,
+        config: Any,
+        batch_size: int = EXAMPLE_BATCH,
+        seed: int = 0,
+        sequence_length: int = EXAMPLE_LENGTH,
+    ) -> dict[str, np.ndarray]:
+        """``example_inputs`` keyed by ONNX input name (an ONNX Runtime feed)."""
         arrays = self.example_inputs(config, batch_size, seed, sequence_length)
         return dict(zip(self.onnx.inputs, arrays, strict=True))
 
