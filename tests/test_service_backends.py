@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from bench.measure_backends import example_batch
+from models import served
 from models.artifacts import ONNX_FILE, staged_artifact
 from models.preprocessing import latent_arrays
 from models.registry import DIGIT_GENERATOR, REGISTRY, SENTIMENT_CLASSIFIER, get_spec
@@ -175,7 +176,7 @@ def test_half_precision_on_the_gpu_keeps_parity(artifacts, name):
 
 
 def test_the_service_serves_the_pinned_tags_of_the_released_artifacts(model_store):
-    assert model_store_module.served_tags() == model_store  # what registration created
+    assert served.served_tags() == model_store  # what registration created
     for name, spec in REGISTRY.items():
         assert resolve_tag(spec) == model_store[name]
     assert resolve_tag(get_spec("mnist-cnn"), "mnist-cnn:custom") == "mnist-cnn:custom"
@@ -186,7 +187,7 @@ def test_registration_pins_the_released_artifacts_only(release_artifacts, tmp_pa
     from training import register
 
     pins = tmp_path / "served_models.json"
-    monkeypatch.setattr(model_store_module, "SERVED_MODELS_FILE", pins)
+    monkeypatch.setattr(served, "SERVED_MODELS_FILE", pins)
     spec = get_spec("mnist-cnn")
     released = spec.bento_tag(spec.load_artifact(spec.artifact_dir(release_artifacts)).metadata)
     elsewhere = tmp_path / "artifacts"
@@ -194,23 +195,23 @@ def test_registration_pins_the_released_artifacts_only(release_artifacts, tmp_pa
     assert register.main(["--model", "mnist-cnn", "--artifacts-dir", str(elsewhere)]) == 0
     assert not pins.exists()
     assert register.main(["--model", "mnist-cnn", "--artifacts-dir", str(elsewhere), "--pin"]) == 0
-    assert model_store_module.served_tags(pins) == {"mnist-cnn": released}
+    assert served.served_tags(pins) == {"mnist-cnn": released}
     pinned_bytes = pins.read_bytes()
     assert register.main(["--model", "mnist-cnn"]) == 0  # the released ones: pinned, unchanged
     assert pins.read_bytes() == pinned_bytes
-    assert model_store_module.pin_served_tags(["sst2-bilstm:abc"], pins)
-    assert model_store_module.served_tags(pins) == {
+    assert served.pin_served_tags(["sst2-bilstm:abc"], pins)
+    assert served.served_tags(pins) == {
         "mnist-cnn": released,
         "sst2-bilstm": "sst2-bilstm:abc",
     }
-    assert not model_store_module.pin_served_tags(["sst2-bilstm:abc"], pins)
+    assert not served.pin_served_tags(["sst2-bilstm:abc"], pins)
 
 
 @pytest.mark.parametrize("content", ['{"mnist-cnn": "mnist-cnn:1"', '{"mnist-cnn": "other:1"}'])
 def test_an_unreadable_file_of_pins_stops_the_start_naming_it(tmp_path, monkeypatch, content):
     pins = tmp_path / "served_models.json"
     pins.write_text(content)
-    monkeypatch.setattr(model_store_module, "SERVED_MODELS_FILE", pins)
+    monkeypatch.setattr(served, "SERVED_MODELS_FILE", pins)
     with pytest.raises(SystemExit, match=f"cannot start: {pins}"):
         model_store_module.served_model_tags({})
 

@@ -38,7 +38,7 @@ import torch
 
 from models.artifacts import ArtifactError
 from models.registry import REGISTRY, ModelSpec, artifacts_root, get_spec
-from service.model_store import SERVED_MODELS_FILE, pin_served_tags
+from models.served import SERVED_MODELS_FILE, pin_served_tags
 from training.common import default_data_dir
 from training.evaluation import VerificationError, evaluate_into
 from training.export import configure_logging, export_into
