@@ -19,6 +19,9 @@ Evaluate, export and verify work on a staged copy of the artifact that replaces
 the real one only when every check passed, so a failure leaves the previous
 artifact exactly as it was. The pipeline stops at the first failure with an
 error naming the model, the stage and the check, and exits with status 1.
+
+Under ``torchrun`` every process runs the train stage (the scripts share the
+work, see ``training.distributed``); the later stages run on rank 0 only.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from models.registry import (
     artifacts_root,
     get_spec,
 )
-from training.common import default_data_dir
+from training import distributed
+from training.common import default_data_dir, pick_device
 from training.export import configure_logging, export_into
 from training.register import register_artifact
 from training.verify import VerificationError, evaluate_into, verify_into
@@ -85,6 +89,8 @@ def train(spec: ModelSpec, root: Path, args: argparse.Namespace) -> None:
         argv += ["--threads", str(args.threads)]
     if args.quick:
         argv.append("--smoke")
+    if args.dist_backend != "auto":
+        argv += ["--dist-backend", args.dist_backend]
     if spec.name == DIGIT_GENERATOR:
         argv += ["--classifier-dir", str(get_spec(MNIST_CLASSIFIER).artifact_dir(root))]
     trainer = importlib.import_module(TRAINING_MODULES[spec.name])
@@ -105,6 +111,8 @@ def run_model(spec: ModelSpec, root: Path, args: argparse.Namespace) -> None:
     else:
         with stage(spec, "train"):
             train(spec, root, args)
+    if not distributed.current().is_main:
+        return
     with stage(spec, "checksums"):
         # Checked here as well as in the staged copy, so an error names the real file.
         spec.load_artifact(directory)
@@ -173,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         "measured whenever CUDA is available",
     )
     parser.add_argument(
+        "--dist-backend",
+        choices=distributed.BACKENDS,
+        default="auto",
+        help="torch.distributed backend under torchrun (auto: nccl on CUDA, else gloo)",
+    )
+    parser.add_argument(
         "--seed", type=int, default=None, help="training seed (default: each script's own)"
     )
     parser.add_argument(
@@ -184,11 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@distributed.entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # One process group for all the trainings; ranks other than 0 only train.
+    distributed.init(pick_device(args.device), args.dist_backend)
     root = args.artifacts_dir or artifacts_root()
     names = list(REGISTRY) if args.model == ALL else [args.model]
     try:
