@@ -23,6 +23,7 @@ import torch
 from models.registry import DIGIT_GENERATOR, MNIST_CLASSIFIER, SENTIMENT_CLASSIFIER, get_spec
 from training import distributed, mnist, sentiment
 from training.common import default_data_dir
+from training.data import mnist_test_set, mnist_transform
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = default_data_dir()
@@ -136,6 +137,22 @@ def test_two_process_mnist_writes_one_complete_artifact(mnist_run):
     checkpoint = torch.load(mnist_run / "checkpoints" / "checkpoint.pt", weights_only=True)
     assert checkpoint["state"]["epoch"] == 2 and checkpoint["world_size"] == 2
     assert len(checkpoint["rng"]) == 2
+
+
+def test_two_process_test_metrics_are_those_of_the_saved_model(mnist_run):
+    """The ranks' halves, added up, score exactly the weights that were written."""
+    spec = get_spec(MNIST_CLASSIFIER)
+    artifact = spec.load_artifact(mnist_run / "artifacts" / MNIST_CLASSIFIER)
+    test_images = mnist_test_set(DATA_DIR, mnist_transform(False))
+    alone = mnist.evaluate(
+        spec.load_module(artifact),
+        mnist._evaluation_loader(test_images, mnist.SMOKE_EVAL_IMAGES),
+        torch.device("cpu"),
+    )
+    recorded = artifact.metadata["metrics"]
+    assert alone["confusion"].tolist() == recorded["test_confusion_matrix"]
+    assert alone["accuracy"] == recorded["test_accuracy"]
+    assert alone["loss"] == pytest.approx(recorded["test_loss"], rel=1e-5)
 
 
 def test_killed_two_process_run_resumed_with_the_same_command_equals_uninterrupted(

@@ -214,6 +214,17 @@ def all_reduce_sum(values: Sequence[float] | torch.Tensor) -> Any:
     return reduced if isinstance(values, torch.Tensor) else reduced.tolist()
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics).
+
+    DDP broadcasts them at the start of each forward, so after the last
+    training step of an epoch each rank still holds the statistics of its own
+    last batch; a split evaluation needs the same model on every rank."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

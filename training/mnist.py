@@ -257,6 +257,7 @@ def train(config: TrainConfig, args: argparse.Namespace, device: torch.device):
             progress.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
         progress.close()
         seen, correct, loss_sum = distributed.all_reduce_sum([seen, correct, loss_sum])
+        distributed.broadcast_buffers(network)
         validation = evaluate(network, validation_loader, device)
         history["train_loss"].append(loss_sum / seen)
         history["train_accuracy"].append(correct / seen)
