@@ -24,6 +24,9 @@ were, and the run fails if the policy would release other variants than the
 artifact carries; ``--write`` swaps the re-exported, re-verified copy in. The
 pipeline stops at the first failure with an error naming the model, the stage
 and the check, and exits with status 1.
+
+Under ``torchrun`` every process runs the train stage (the scripts share the
+work, see ``training.distributed``); the later stages run on rank 0 only.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ import torch
 from models.artifacts import ArtifactError
 from models.registry import REGISTRY, ModelSpec, artifacts_root, get_spec
 from models.served import SERVED_MODELS_FILE, pin_served_tags
-from training.common import default_data_dir
+from training import distributed
+from training.common import default_data_dir, pick_device
 from training.evaluation import VerificationError, evaluate_into
 from training.export import configure_logging, export_into
 from training.register import is_release_root, register_artifact
@@ -79,6 +83,8 @@ def train(spec: ModelSpec, root: Path, args: argparse.Namespace) -> None:
         argv += ["--threads", str(args.threads)]
     if args.quick:
         argv.append("--smoke")
+    if args.dist_backend != "auto":
+        argv += ["--dist-backend", args.dist_backend]
     if spec.verification.labels_read_by:
         argv += [
             "--classifier-dir",
@@ -102,6 +108,8 @@ def run_model(spec: ModelSpec, root: Path, args: argparse.Namespace) -> None:
     else:
         with stage(spec, "train"):
             train(spec, root, args)
+    if not distributed.current().is_main:
+        return
     with stage(spec, "checksums"):
         # Checked here as well as in the staged copy, so an error names the real file.
         committed = spec.load_artifact(directory).metadata
@@ -187,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         "measured whenever CUDA is available",
     )
     parser.add_argument(
+        "--dist-backend",
+        choices=distributed.BACKENDS,
+        default="auto",
+        help="torch.distributed backend under torchrun (auto: nccl on CUDA, else gloo)",
+    )
+    parser.add_argument(
         "--seed", type=int, default=None, help="training seed (default: each script's own)"
     )
     parser.add_argument(
@@ -198,11 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@distributed.entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # One process group for all the trainings; ranks other than 0 only train.
+    distributed.init(pick_device(args.device), args.dist_backend)
     root = args.artifacts_dir or artifacts_root()
     names = list(REGISTRY) if args.model == ALL else [args.model]
     try:
