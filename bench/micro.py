@@ -24,9 +24,9 @@ from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartParser
 from starlette.responses import JSONResponse
 
+from bench.multipart import file_parts, multipart_body
 from bench.payloads import (
     default_data_dir,
-    multipart_body,
     png_bytes,
     read_mnist_test_digits,
     read_sst2_test_sentences,
@@ -48,7 +48,7 @@ def per_call_us(step: Callable[[int], object], repeat: int, items_per_call: int 
 
 def measure(data_dir: Path, repeat: int) -> list[tuple[str, float, float]]:
     pngs = [png_bytes(pixels) for pixels in read_mnist_test_digits(data_dir, 512)]
-    forms = [multipart_body("image", [png]) for png in pngs]
+    forms = [multipart_body(file_parts("image", [png])) for png in pngs]
     sentences = read_sst2_test_sentences(data_dir)[:512]
     texts = [json.dumps({"text": text}).encode() for text in sentences]
     rows = []

@@ -15,17 +15,18 @@ CPU than the server spends on the request.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import random
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from bench.multipart import file_parts, multipart_body
+from training.sources import MNIST_TEST_IMAGES, default_data_dir, read_sst2_rows
 
 # The request formats of the service's endpoints (see service/service.py).
 CLASSIFY_PATH = "/classify"
@@ -35,8 +36,6 @@ CLASSIFY_BATCH_FILE_FIELD = "images"
 SENTIMENT_PATH = "/sentiment"
 GENERATE_PATH = "/generate"
 
-MNIST_TEST_IMAGES = "MNIST/raw/t10k-images-idx3-ubyte"
-SST2_TEST_FILE = "SST-2/test.tsv"
 IDX_IMAGES_MAGIC = 2051
 
 # How many distinct bodies each workload cycles through: enough that no
@@ -44,17 +43,6 @@ IDX_IMAGES_MAGIC = 2051
 DEFAULT_POOL_SIZE = 512
 BATCH_IMAGES = 1024
 MAX_GENERATE = 16
-
-
-def default_data_dir() -> Path:
-    """The training code's data directory (``$DATA_DIR`` or ``../shared/data``).
-
-    Imported on use: load-generating processes unpickle this module's
-    requests and should not pay for importing torch with ``training``.
-    """
-    from training.common import default_data_dir as training_data_dir
-
-    return training_data_dir()
 
 
 @dataclass(frozen=True)
@@ -102,29 +90,8 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 
 def read_sst2_test_sentences(data_dir: Path) -> list[str]:
-    """The SST-2 test sentences (the text column is read by position: its header varies)."""
-    with (data_dir / SST2_TEST_FILE).open(newline="", encoding="utf-8") as handle:
-        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        next(rows)
-        return [row[1] for row in rows if len(row) >= 2 and row[1].strip()]
-
-
-def multipart_body(field: str, files: Sequence[bytes]) -> tuple[bytes, str]:
-    """Encode PNG files under one form field; return (body, content type)."""
-    boundary = f"bench-{secrets.token_hex(12)}"
-    parts: list[bytes] = []
-    for index, data in enumerate(files):
-        parts.append(
-            (
-                f"--{boundary}\r\n"
-                f'Content-Disposition: form-data; name="{field}"; filename="digit-{index}.png"\r\n'
-                "Content-Type: image/png\r\n\r\n"
-            ).encode()
-            + data
-            + b"\r\n"
-        )
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+    """The SST-2 test sentences, without their labels."""
+    return [text for _, text in read_sst2_rows(data_dir, "test") if text.strip()]
 
 
 def json_request(path: str, payload: dict, items: int = 1) -> Request:
@@ -134,7 +101,7 @@ def json_request(path: str, payload: dict, items: int = 1) -> Request:
 def classify_workload(pngs: Sequence[bytes]) -> Workload:
     requests = []
     for png in pngs:
-        body, content_type = multipart_body(CLASSIFY_FILE_FIELD, [png])
+        body, content_type = multipart_body(file_parts(CLASSIFY_FILE_FIELD, [png]))
         requests.append(Request("POST", CLASSIFY_PATH, body, content_type))
     return Workload("classify", CLASSIFY_PATH, tuple(requests))
 
@@ -144,7 +111,7 @@ def classify_batch_workload(pngs: Sequence[bytes], per_request: int, pool: int) 
     requests = []
     for start in range(pool):
         chosen = [pngs[(start * 97 + i) % len(pngs)] for i in range(per_request)]
-        body, content_type = multipart_body(CLASSIFY_BATCH_FILE_FIELD, chosen)
+        body, content_type = multipart_body(file_parts(CLASSIFY_BATCH_FILE_FIELD, chosen))
         requests.append(Request("POST", CLASSIFY_BATCH_PATH, body, content_type, per_request))
     return Workload(f"classify-{per_request}", CLASSIFY_BATCH_PATH, tuple(requests))
 

@@ -6,6 +6,7 @@
                     training command, framework versions and the sha256 of every
                     other file in the directory
     vocab.json      (sentiment only) the vocabulary, saved with the weights
+    report.png      training curves, confusion matrix or digit grid
     model.onnx      (after export) the fp32 ONNX graph; model.int8.onnx and
                     model.fp16.onnx where those variants were kept
 
@@ -38,9 +39,10 @@ WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
 VOCAB_FILE = "vocab.json"
+REPORT_FILE = "report.png"
 ONNX_FILE = "model.onnx"
-# Optional ONNX variants, present only where they passed the accuracy/size/speed checks
-# (metadata.json's "onnx"/"files" section lists which ones an artifact carries).
+# Optional ONNX variants, present only where the variant policy kept them (accuracy
+# and size; training/variants.py); metadata.json's "onnx"/"files" lists them.
 ONNX_INT8_FILE = "model.int8.onnx"
 ONNX_FP16_FILE = "model.fp16.onnx"
 ONNX_FILES: dict[str, str] = {"fp32": ONNX_FILE, "int8": ONNX_INT8_FILE, "fp16": ONNX_FP16_FILE}

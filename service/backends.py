@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models.artifacts import ONNX_FILES, Artifact
+from models.onnx_session import ProviderUnavailable, open_session
 from models.registry import ModelSpec
 
 if TYPE_CHECKING:
@@ -126,32 +127,18 @@ class TorchPredictor(Predictor):
 class OnnxPredictor(Predictor):
     def __init__(self, spec: ModelSpec, artifact: Artifact, placement: Placement) -> None:
         super().__init__(spec, placement)
-        import onnxruntime
-
         check_placement(spec, artifact, placement)
         filename = ONNX_FILES[placement.precision]
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = placement.threads
-        options.inter_op_num_threads = 1
-        # Several sessions share a worker's cores; idle threads that spin would
-        # take CPU from the session that has work.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers: list = ["CPUExecutionProvider"]
-        if placement.device.type == "cuda":
-            if hasattr(onnxruntime, "preload_dlls"):
-                # Finds the CUDA and cuDNN libraries installed from pip wheels.
-                onnxruntime.preload_dlls()
-            device_id = placement.device.index or 0
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
-        self.session = onnxruntime.InferenceSession(
-            str(artifact.path(filename)), options, providers=providers
-        )
-        active = self.session.get_providers()
-        if placement.device.type == "cuda" and active[0] != "CUDAExecutionProvider":
-            raise BackendError(
-                f"{spec.name}: ONNX Runtime could not start its CUDA execution provider "
-                f"(active: {active}); check the CUDA/cuDNN libraries or use SERVING_DEVICE=cpu"
+        try:
+            self.session = open_session(
+                artifact.path(filename),
+                cuda=placement.device.type == "cuda",
+                device_id=placement.device.index or 0,
+                threads=placement.threads,
+                inter_op_threads=1,
             )
+        except ProviderUnavailable as error:
+            raise BackendError(f"{spec.name}: {error}, or use SERVING_DEVICE=cpu") from None
         names = tuple(node.name for node in self.session.get_inputs())
         if names != spec.onnx.inputs:
             raise BackendError(

@@ -106,10 +106,6 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         return self._queued_items
 
     @property
-    def active_requests(self) -> int:
-        return self._active_requests
-
-    @property
     def is_full(self) -> bool:
         """No request can be queued now (``submit`` would raise ``QueueFull``)."""
         return self._queued_items >= self.max_queue_items
@@ -142,11 +138,6 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
                 self._queued_items -= len(job.items) - job.next_index
                 job.next_index = len(job.items)
 
-    def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the consumer on this event loop (a new loop gets a fresh queue)."""
         if self._consumer is not None and not self._consumer.done():
@@ -154,6 +145,7 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         self._loop = loop
         self._jobs.clear()
         self._queued_items = 0
+        self._active_requests = 0  # submitted and not yet answered
         self._wakeup = asyncio.Event()
         self._consumer = loop.create_task(self._consume(), name=f"batcher-{self.name}")
 

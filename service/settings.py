@@ -22,7 +22,7 @@ Device and inference backend
     SERVING_WORKERS             BentoML worker processes, each with its own models (default 1)
 
 Models (BentoML model store tags; ``BENTOML_HOME`` chooses the store)
-    SERVING_<ENDPOINT>_TAG      default: the version pinned in service/served_models.json
+    SERVING_<ENDPOINT>_TAG      default: the version pinned in models/served_models.json
                                 (what ``python -m training.register`` imported from
                                 models/artifacts/), else ``<name>:latest``
 
@@ -72,18 +72,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from models.registry import DIGIT_GENERATOR, MNIST_CLASSIFIER, SENTIMENT_CLASSIFIER
+from models.registry import REGISTRY
 
 PREFIX = "SERVING_"
 
 # One name per model in settings, metrics and logs: the endpoint it serves
 # (SERVING_CLASSIFY_BACKEND, SERVING_CLASSIFY_MAX_BATCH_SIZE, endpoint="classify").
 # The batch routes (/classify_batch, /sentiment_batch) share their model's name.
-MODEL_KEYS: dict[str, str] = {
-    "classify": MNIST_CLASSIFIER,
-    "sentiment": SENTIMENT_CLASSIFIER,
-    "generate": DIGIT_GENERATOR,
-}
+MODEL_KEYS: dict[str, str] = {spec.endpoints[0]: spec.name for spec in REGISTRY.values()}
 ENDPOINTS = tuple(MODEL_KEYS)
 # The per-model settings were first named after the model; a deployment may still
 # set the old names, which keep working (the new name wins) with a warning.
@@ -97,7 +93,7 @@ BACKENDS = ("torch", "onnx")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 # The backend ``auto`` resolves to, per device type and model. Measured with
-# ``python -m service.measure_backends`` (1 thread, median ms per call at batch 1 / 64):
+# ``python -m bench.measure_backends`` (1 thread, median ms per call at batch 1 / 64):
 #   mnist-cnn    torch 0.64 / 27.9   onnx 0.10 / 5.1
 #   sst2-bilstm  torch 0.72 / 12.7   onnx 0.31 / 11.9
 #   digit-gan    torch 1.39 / 32.2   onnx 0.49 / 29.4

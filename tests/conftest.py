@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.multipart import file_parts, multipart_body
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT_S = 240.0
 
@@ -183,18 +185,8 @@ class ServedProcess:
         content_type: str | None = "application/octet-stream",
     ) -> tuple[int, object]:
         """POST files as multipart/form-data parts named ``field``; (status, decoded JSON)."""
-        boundary = "test-boundary-7d4a1f"
-        body = b""
-        for index, content in enumerate(files):
-            body += (
-                f"--{boundary}\r\nContent-Disposition: form-data; "
-                f'name="{field}"; filename="file{index}"\r\n'
-            ).encode()
-            if content_type:
-                body += f"Content-Type: {content_type}\r\n".encode()
-            body += b"\r\n" + content + b"\r\n"
-        body += f"--{boundary}--\r\n".encode()
-        header = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        body, form_type = multipart_body(file_parts(field, files, content_type))
+        header = {"Content-Type": form_type}
         status, _, raw = self.request(path, data=body, headers=header)
         return status, json.loads(raw)
 

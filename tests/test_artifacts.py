@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from models.artifacts import (
+    CONFIG_FILE,
+    METADATA_FILE,
     ONNX_FILE,
     WEIGHTS_FILE,
     ArtifactError,
@@ -63,7 +65,7 @@ def stored_tags() -> set[str]:
 
 def test_export_records_every_file_with_its_checksum(artifact_dir):
     artifact = load_artifact(artifact_dir)
-    assert {WEIGHTS_FILE, ONNX_FILE, "config.json"} <= set(artifact.metadata["files"])
+    assert {WEIGHTS_FILE, ONNX_FILE, CONFIG_FILE} <= set(artifact.metadata["files"])
     assert artifact.metadata["onnx"]["opset"] == export.OPSET
     assert artifact.metadata["onnx"]["inputs"] == list(SPEC.onnx.inputs)
 
@@ -84,7 +86,7 @@ def test_a_truncated_file_is_detected(artifact_dir, filename):
         SPEC.load_artifact(artifact_dir)
 
 
-@pytest.mark.parametrize("filename", ["metadata.json", "config.json"])
+@pytest.mark.parametrize("filename", [METADATA_FILE, CONFIG_FILE])
 def test_a_truncated_json_file_is_named(artifact_dir, filename):
     path = artifact_dir / filename
     path.write_text(path.read_text()[:40])
@@ -128,7 +130,7 @@ def test_export_refuses_corrupted_weights_and_leaves_the_artifact_alone(artifact
 def test_staged_changes_get_fresh_checksums(artifact_dir):
     with staged_artifact(artifact_dir) as staging:
         (staging / ONNX_FILE).write_bytes((staging / ONNX_FILE).read_bytes() + b"\0")
-    recorded = read_json(artifact_dir / "metadata.json")["files"][ONNX_FILE]
+    recorded = read_json(artifact_dir / METADATA_FILE)["files"][ONNX_FILE]
     assert load_artifact(artifact_dir).metadata["files"][ONNX_FILE] == recorded
 
 

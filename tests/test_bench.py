@@ -21,6 +21,7 @@ from PIL import Image
 from bench import payloads, profiling
 from bench.config import Target, load_comparison_set
 from bench.loadgen import run_closed_loop, split_concurrency
+from bench.multipart import file_parts, multipart_body
 from bench.payloads import Request, Workload
 from bench.report import evaluate_targets, machine_info, write_report
 from bench.server import batch_stats
@@ -112,7 +113,7 @@ def server():
 
 
 def _workload(path: str) -> Workload:
-    body, content_type = payloads.multipart_body("image", [b"\x89PNG fake"])
+    body, content_type = multipart_body(file_parts("image", [b"\x89PNG fake"]))
     return Workload(path.strip("/"), path, (Request("POST", path, body, content_type),))
 
 

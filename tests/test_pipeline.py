@@ -5,7 +5,8 @@ temporary BENTOML_HOME: smoke training of all three models, evaluation, ONNX
 export, parity verification and registration. The tests then read the store
 through the ``bentoml`` command line, check what the artifacts record, and
 check that registering again is idempotent. The failure tests run the real
-components on damaged or mismatched artifacts.
+components on damaged or mismatched artifacts; the re-verify tests check that
+verifying the committed artifacts again leaves every byte as it was.
 """
 
 from __future__ import annotations
@@ -18,19 +19,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 
 from models.artifacts import (
     ONNX_FILE,
+    ONNX_INT8_FILE,
     WEIGHTS_FILE,
     load_artifact,
     staged_artifact,
 )
-from models.registry import MNIST_CLASSIFIER, REGISTRY, SENTIMENT_CLASSIFIER, get_spec
-from training import pipeline, verify
+from models.registry import (
+    MNIST_CLASSIFIER,
+    PACKAGE_ARTIFACTS_DIR,
+    REGISTRY,
+    SENTIMENT_CLASSIFIER,
+    get_spec,
+)
+from training import export, pipeline, verify
 from training.common import default_data_dir
-from training.export import VARIANT_CANDIDATES
+from training.evaluation import QUICK_EXAMPLES
+from training.latency import not_measured
+from training.parity import PARITY_ATOL
+from training.variants import MAX_ACCURACY_DROP_PP
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = default_data_dir()
@@ -97,8 +109,8 @@ def test_artifacts_record_parity_at_every_batch_size(quick_run):
         assert parity["quick"] is True and parity["passed"] is True
         assert sorted(parity["batch_sizes"], key=int) == ["1", "7", "256"]
         for result in parity["batch_sizes"].values():
-            assert result["examples"] == verify.QUICK_EXAMPLES
-            assert result["max_abs_diff"] <= verify.PARITY_ATOL
+            assert result["examples"] == QUICK_EXAMPLES
+            assert result["max_abs_diff"] <= PARITY_ATOL
             assert result["label_agreement"] == 1.0
         assert metadata["onnx"]["verified"] is True
         assert metadata["evaluation"]["accuracy"] is not None
@@ -106,7 +118,7 @@ def test_artifacts_record_parity_at_every_batch_size(quick_run):
         "length_sweep"
     ]
     assert sweep["lengths"][0] == 1 and sweep["lengths"][1] == sweep["padded_to"] > 10
-    assert sweep["max_abs_diff"] <= verify.PARITY_ATOL
+    assert sweep["max_abs_diff"] <= PARITY_ATOL
 
 
 def test_variant_decisions_match_the_files(quick_run):
@@ -115,15 +127,24 @@ def test_variant_decisions_match_the_files(quick_run):
         directory = spec.artifact_dir(root)
         metadata = load_artifact(directory).metadata
         assert metadata["onnx"]["files"]["fp32"] == ONNX_FILE
-        for variant in VARIANT_CANDIDATES[spec.name]:
-            measured = metadata["variants"][variant.precision]
+        variants = metadata["variants"]
+        assert set(variants["policy"]) == {"accuracy", "size", "speed"}
+        assert set(variants["fp32"]["latency_ms"]["cpu"]) == {"1", "256"}
+        assert variants["latency_devices"]["cpu"]
+        for variant in export.variant_candidates(spec):
+            measured = variants[variant.precision]
             assert measured["kept"] == (directory / variant.filename).is_file()
             assert (variant.precision in metadata["onnx"]["files"]) == measured["kept"]
-            assert measured["bytes"] > 0 and set(measured["latency_ms"]["cpu"]) == {"1", "256"}
+            assert measured["bytes"] > 0
             if measured["kept"]:
-                assert measured["accuracy_drop_pp"] <= verify.MAX_ACCURACY_DROP_PP
-            if not torch.cuda.is_available():
-                assert measured["latency_ms"]["gpu"] == verify.GPU_NOT_MEASURED
+                assert measured["accuracy_drop_pp"] <= MAX_ACCURACY_DROP_PP
+                assert measured["size_ratio"] <= 0.9
+            # Speed is measured on the variant's target device only.
+            assert set(measured["latency_ms"]) == {variant.target_device}
+            if variant.target_device == "cpu":
+                assert set(measured["latency_ms"]["cpu"]) == {"1", "256"}
+            elif not torch.cuda.is_available():
+                assert measured["latency_ms"]["gpu"] == not_measured("gpu")
 
 
 def test_registering_again_gives_the_same_versions(quick_run):
@@ -165,6 +186,53 @@ def test_parity_failure_stops_with_a_clear_error_and_changes_nothing(mnist_root,
     assert "batch size 1: max |difference|" in caplog.text
     assert snapshot(directory) == before
     assert [path.name for path in mnist_root.iterdir()] == [spec.name]  # no staging left
+
+
+def test_reverifying_the_committed_artifacts_changes_no_byte(tmp_path):
+    """verify and pipeline --skip-train check and report; without --write they write
+    nothing, not even metadata.json."""
+    spec = get_spec(MNIST_CLASSIFIER)
+    directory = spec.artifact_dir(tmp_path)
+    shutil.copytree(spec.artifact_dir(PACKAGE_ARTIFACTS_DIR), directory)
+    before = snapshot(directory)
+    common = ["--model", MNIST_CLASSIFIER, "--artifacts-dir", str(tmp_path),
+              "--data-dir", str(DATA_DIR), "--quick", "--threads", "1"]  # fmt: skip
+    assert verify.main(common) == 0
+    assert snapshot(directory) == before
+    assert pipeline.main([*common, "--skip-train", "--no-register"]) == 0
+    assert snapshot(directory) == before
+    assert [path.name for path in tmp_path.iterdir()] == [spec.name]  # no copy left
+
+
+def test_a_variant_that_loses_accuracy_fails_the_check_and_is_dropped_on_write(mnist_root, caplog):
+    """An INT8 graph from other weights: re-verifying reports it and writes nothing;
+    --write drops it and records why."""
+    spec = get_spec(MNIST_CLASSIFIER)
+    directory = spec.artifact_dir(mnist_root)
+    config = load_artifact(directory).config
+    torch.manual_seed(1)
+    unrelated = export.quantize_int8(export.export_onnx(spec, spec.build(config), config))
+    with staged_artifact(directory) as staging:
+        onnx.save_model(unrelated, staging / ONNX_INT8_FILE)
+    before = snapshot(directory)
+    common = ["--model", MNIST_CLASSIFIER, "--artifacts-dir", str(mnist_root),
+              "--data-dir", str(DATA_DIR), "--quick", "--threads", "1"]  # fmt: skip
+    with caplog.at_level(logging.ERROR):
+        assert verify.main(common) == 1
+    assert "the variant policy keeps ['fp16', 'fp32']" in caplog.text
+    assert snapshot(directory) == before
+
+    assert verify.main([*common, "--write"]) == 0
+    assert not (directory / ONNX_INT8_FILE).exists()
+    metadata = load_artifact(directory).metadata
+    assert "int8" not in metadata["onnx"]["files"]
+    int8 = metadata["variants"]["int8"]
+    assert int8["kept"] is False and "accuracy drop above" in int8["reason"]
+    assert int8["accuracy_drop_pp"] > 10 * MAX_ACCURACY_DROP_PP
+    # Once written, checking again passes and changes nothing.
+    written = snapshot(directory)
+    assert verify.main(common) == 0
+    assert snapshot(directory) == written
 
 
 def test_pipeline_stops_on_a_corrupted_file_and_names_it(mnist_root, caplog):

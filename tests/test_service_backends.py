@@ -15,14 +15,16 @@ import numpy as np
 import pytest
 import torch
 
+from bench.measure_backends import example_batch
+from models import served
 from models.artifacts import ONNX_FILE, staged_artifact
+from models.preprocessing import latent_arrays
 from models.registry import DIGIT_GENERATOR, REGISTRY, SENTIMENT_CLASSIFIER, get_spec
 from models.tokenizer import Vocabulary
 from service import backends
 from service import model_store as model_store_module
 from service.backends import BackendError, Device, Placement, check_placement, load_predictor
 from service.inference import DigitGeneration, SentimentClassification
-from service.measure_backends import example_batch
 from service.model_store import resolve_tag
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,22 +78,28 @@ def test_sentiment_scores_do_not_depend_on_the_other_texts_in_the_batch(artifact
 def test_generation_batch_invariance_is_measured_not_assumed(artifacts, backend):
     spec = get_spec(DIGIT_GENERATOR)
     artifact = artifacts[DIGIT_GENERATOR]
-    config = spec.config_from_dict(artifact.config)
-    task = DigitGeneration(
-        load_predictor(spec, artifact, placement(backend)), config.latent_dim, config.num_classes
-    )
+    config = artifact.config
+    predictor = load_predictor(spec, artifact, placement(backend))
+    task = DigitGeneration(predictor, config["latent_dim"], config["num_classes"])
     sizes = [1, 2, 3, 5, 8, 13, 64]
     invariant = task.rows_independent_of_batch(sizes)
     if backend == "onnx":
         # The CPU default: rows of different requests may share a call.
         assert invariant
-    if invariant:
-        rows = task.prepare(64, None, seed=3)
-        together = task.run_batch(rows)
-        assert all(
-            np.array_equal(a, b)
-            for a, b in zip(task.run_batch(rows[:7]), together[:7], strict=True)
+
+    # Measured again here, directly on the predictor: every batch size, at both ends
+    # of a 64-row batch, gives bitwise the rows of the whole batch, or it does not.
+    latent, labels = latent_arrays(64, config["latent_dim"], seed=3)
+    whole = predictor(latent, labels)
+    same_bits = all(
+        np.array_equal(
+            predictor(latent[start : start + size], labels[start : start + size]),
+            whole[start : start + size],
         )
+        for size in sizes
+        for start in (0, 64 - size)
+    )
+    assert invariant == same_bits
 
 
 def test_a_missing_onnx_file_fails_with_a_clear_message(artifacts, tmp_path):
@@ -168,7 +176,7 @@ def test_half_precision_on_the_gpu_keeps_parity(artifacts, name):
 
 
 def test_the_service_serves_the_pinned_tags_of_the_released_artifacts(model_store):
-    assert model_store_module.served_tags() == model_store  # what registration created
+    assert served.served_tags() == model_store  # what registration created
     for name, spec in REGISTRY.items():
         assert resolve_tag(spec) == model_store[name]
     assert resolve_tag(get_spec("mnist-cnn"), "mnist-cnn:custom") == "mnist-cnn:custom"
@@ -179,7 +187,7 @@ def test_registration_pins_the_released_artifacts_only(release_artifacts, tmp_pa
     from training import register
 
     pins = tmp_path / "served_models.json"
-    monkeypatch.setattr(model_store_module, "SERVED_MODELS_FILE", pins)
+    monkeypatch.setattr(served, "SERVED_MODELS_FILE", pins)
     spec = get_spec("mnist-cnn")
     released = spec.bento_tag(spec.load_artifact(spec.artifact_dir(release_artifacts)).metadata)
     elsewhere = tmp_path / "artifacts"
@@ -187,23 +195,23 @@ def test_registration_pins_the_released_artifacts_only(release_artifacts, tmp_pa
     assert register.main(["--model", "mnist-cnn", "--artifacts-dir", str(elsewhere)]) == 0
     assert not pins.exists()
     assert register.main(["--model", "mnist-cnn", "--artifacts-dir", str(elsewhere), "--pin"]) == 0
-    assert model_store_module.served_tags(pins) == {"mnist-cnn": released}
+    assert served.served_tags(pins) == {"mnist-cnn": released}
     pinned_bytes = pins.read_bytes()
     assert register.main(["--model", "mnist-cnn"]) == 0  # the released ones: pinned, unchanged
     assert pins.read_bytes() == pinned_bytes
-    assert model_store_module.pin_served_tags(["sst2-bilstm:abc"], pins)
-    assert model_store_module.served_tags(pins) == {
+    assert served.pin_served_tags(["sst2-bilstm:abc"], pins)
+    assert served.served_tags(pins) == {
         "mnist-cnn": released,
         "sst2-bilstm": "sst2-bilstm:abc",
     }
-    assert not model_store_module.pin_served_tags(["sst2-bilstm:abc"], pins)
+    assert not served.pin_served_tags(["sst2-bilstm:abc"], pins)
 
 
 @pytest.mark.parametrize("content", ['{"mnist-cnn": "mnist-cnn:1"', '{"mnist-cnn": "other:1"}'])
 def test_an_unreadable_file_of_pins_stops_the_start_naming_it(tmp_path, monkeypatch, content):
     pins = tmp_path / "served_models.json"
     pins.write_text(content)
-    monkeypatch.setattr(model_store_module, "SERVED_MODELS_FILE", pins)
+    monkeypatch.setattr(served, "SERVED_MODELS_FILE", pins)
     with pytest.raises(SystemExit, match=f"cannot start: {pins}"):
         model_store_module.served_model_tags({})
 

@@ -60,7 +60,7 @@ def test_the_bento_packs_the_service_its_models_and_pinned_packages(bento_tag, m
     assert Path(bento.path_of("src/service/service.py")).is_file()
     assert not Path(bento.path_of("src/training")).exists()
     # The served versions travel as one file; nothing of the artifacts tree does.
-    assert Path(bento.path_of("src/service/served_models.json")).is_file()
+    assert Path(bento.path_of("src/models/served_models.json")).is_file()
     assert not Path(bento.path_of("src/models/artifacts")).exists()
     dockerfile = Path(bento.path_of("env/docker/Dockerfile")).read_text()
     assert "python:3.11" in dockerfile or "3.11" in dockerfile

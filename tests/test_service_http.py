@@ -36,6 +36,8 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.multipart import Part, multipart_body
+
 MAX_ITEMS = 16
 CLASSIFY_MAX_BATCH = 8
 MAX_BODY = 1024 * 1024
@@ -69,20 +71,8 @@ def encode(pixels: np.ndarray, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def multipart(parts: Sequence[tuple[str, str | None, bytes, str | None]]) -> tuple[bytes, str]:
-    """(field, filename or None, content, content type or None) parts → (body, Content-Type)."""
-    boundary = "test-boundary-7d4a1f"
-    body = b""
-    for field, filename, content, content_type in parts:
-        disposition = f'form-data; name="{field}"'
-        if filename is not None:
-            disposition += f'; filename="{filename}"'
-        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode()
-        if content_type:
-            body += f"Content-Type: {content_type}\r\n".encode()
-        body += b"\r\n" + content + b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
+def multipart(parts: Sequence[Part]) -> tuple[bytes, str]:
+    return multipart_body(parts, boundary="test-boundary-7d4a1f")
 
 
 def post_files(server, path: str, field: str, files: Sequence[bytes], content_type="image/png"):

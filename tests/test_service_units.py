@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from bench.multipart import multipart_body
 from service.batching import AdaptiveBatcher, QueueFull
 from service.errors import Problem, RequestError, ServiceBusy
 from service.http import JSON, MULTIPART, PNG, ApiGate, DisconnectLog, InFlight, Reply
@@ -526,11 +527,7 @@ def test_the_gate_cancels_the_work_of_a_client_that_disconnects(caplog):
 
 
 def _form(*parts: tuple[str, str | None, bytes]) -> tuple[bytes, str]:
-    body = b""
-    for name, filename, data in parts:
-        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
-        body += f"--XyZ\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
-    return body + b"--XyZ--\r\n", "multipart/form-data; boundary=XyZ"
+    return multipart_body([(name, filename, data, None) for name, filename, data in parts], "XyZ")
 
 
 def _kinds(error: RequestError) -> list[tuple[str, tuple]]:
@@ -663,3 +660,42 @@ def test_the_classifier_input_is_exactly_the_training_preprocessing():
         image = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8))
         expected = digit_tensor_from_image(image).numpy()
         assert np.array_equal(DigitClassification.prepare(image), expected)
+
+
+class _RecordingEnviron(dict):
+    """An empty environment that remembers every variable the settings look up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: set[str] = set()
+
+    def get(self, key, default=None):
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key) -> bool:
+        self.asked.add(key)
+        return super().__contains__(key)
+
+
+def test_every_setting_the_service_reads_is_documented():
+    import re
+    from pathlib import Path
+
+    import service.settings as settings_module
+    from service.settings import ENDPOINTS, RENAMED_MODEL_SETTINGS
+
+    environ = _RecordingEnviron()
+    Settings.from_env(environ)
+    per_endpoint = re.compile(rf"^SERVING_({'|'.join(e.upper() for e in ENDPOINTS)})_")
+    documented_names = {
+        per_endpoint.sub("SERVING_<ENDPOINT>_", name)
+        for name in environ.asked
+        if name not in RENAMED_MODEL_SETTINGS
+    }
+    assert len(documented_names) >= 30  # the recording saw the real reads
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    docstring = settings_module.__doc__ or ""
+    assert sorted(n for n in documented_names if n not in docstring) == []
+    missing_from_readme = sorted(n for n in documented_names if n not in readme)
+    assert not missing_from_readme, missing_from_readme

@@ -45,8 +45,10 @@ def test_smoke_run_writes_a_complete_verified_artifact(smoke_artifact):
     assert set(metadata["files"]) == {"weights.pt", "config.json", "report.png"}
     assert (smoke_artifact / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = metadata["metrics"]
+    # Chance is 0.10; the smoke run's few batches reach about 0.23-0.30 (a run that
+    # learns nothing, or scores against the wrong labels, stays near chance).
     for key in ("test_accuracy", "validation_accuracy", "test_accuracy_service_preprocessing"):
-        assert 0.0 <= metrics[key] <= 1.0
+        assert 0.15 <= metrics[key] <= 1.0
     assert metrics["test_images"] == mnist.SMOKE_EVAL_IMAGES
     assert np.asarray(metrics["test_confusion_matrix"]).sum() == mnist.SMOKE_EVAL_IMAGES
     assert "--smoke" in metadata["training"]["command"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import platform
 import random
 import shlex
@@ -18,13 +17,8 @@ import torch
 
 from models.artifacts import staged_artifact, write_model_files
 from models.registry import REGISTRY, ModelSpec, artifacts_root
-
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def default_data_dir() -> Path:
-    """``$DATA_DIR`` if set, else ``../shared/data`` beside the repository."""
-    return Path(os.environ.get("DATA_DIR", DEFAULT_DATA_DIR))
+from training import distributed
+from training.sources import default_data_dir
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -34,6 +28,9 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed every generator; under torchrun process ``r`` uses ``seed + r``, so the
+    ranks draw different dropout and noise (rank 0, and a plain run, use ``seed``)."""
+    seed += distributed.seed_offset(distributed.current())
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -124,17 +121,56 @@ def add_run_arguments(
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--seed", type=int, default=seed)
-    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument(
+        "--epochs", type=int, default=None, help=f"(default: {epochs}; 1 with --smoke)"
+    )
+    parser.set_defaults(default_epochs=epochs)
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument(
         "--smoke", action="store_true", help=f"{smoke_help}; marks the artifact smoke"
     )
+    parser.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="write a checkpoint there after every epoch (default: none)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --checkpoint-dir if there is one",
+    )
+    parser.add_argument(
+        "--dist-backend",
+        choices=distributed.BACKENDS,
+        default="auto",
+        help="torch.distributed backend under torchrun (auto: nccl on CUDA, else gloo)",
+    )
+
+
+def epoch_count(args: argparse.Namespace) -> int:
+    """``--epochs`` if given, else one epoch for ``--smoke`` and the script's default otherwise."""
+    if args.epochs is not None:
+        return args.epochs
+    return 1 if args.smoke else args.default_epochs
 
 
 def start_run(args: argparse.Namespace) -> torch.device:
-    """Logging, CPU threads and the device for a training script's ``main``."""
+    """Logging, CPU threads and the device for a training script's ``main``; under
+    torchrun also joins the process group (see ``training.distributed``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.resume and args.checkpoint_dir is None:
+        raise SystemExit("--resume needs --checkpoint-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
-    return pick_device(args.device)
+    _, device = distributed.init(pick_device(args.device), args.dist_backend)
+    return device
+
+
+def resume_from(args: argparse.Namespace, settings: dict[str, Any], name: str | None = None):
+    """The checkpoint to continue from (``--resume``), or ``None`` for a fresh start."""
+    if not args.resume:
+        return None
+    extra = {} if name is None else {"name": name}
+    return distributed.load_checkpoint(args.checkpoint_dir, settings, **extra)

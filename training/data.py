@@ -1,12 +1,12 @@
 """Data set loading: MNIST through torchvision, SST-2 from its TSV files.
 
 The data root is always passed in (``--data-dir``, default
-``training.common.default_data_dir()``); nothing here is downloaded.
+``training.sources.default_data_dir()``, which also describes the expected
+file layout); nothing here is downloaded.
 """
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +16,9 @@ from torchvision import datasets, transforms
 
 from models.preprocessing import MNIST_MEAN, MNIST_STD
 from models.tokenizer import tokenize
+from training.sources import read_sst2_rows
 
 MNIST_VALIDATION_SIZE = 5_000
-SST2_SPLITS = ("train", "dev", "test")
 
 
 def mnist_transform(augment: bool = False) -> transforms.Compose:
@@ -61,10 +61,7 @@ class LabelledText:
 
 def read_sst2(data_dir: Path, split: str) -> list[LabelledText]:
     """Rows of ``SST-2/<split>.tsv``, tokenised with the same tokenizer the service uses."""
-    if split not in SST2_SPLITS:
-        raise ValueError(f"unknown SST-2 split {split!r}; expected one of {SST2_SPLITS}")
-    path = Path(data_dir) / "SST-2" / f"{split}.tsv"
-    with path.open(newline="", encoding="utf-8") as stream:
-        reader = csv.reader(stream, delimiter="\t", quoting=csv.QUOTE_NONE)
-        next(reader)  # header: the column names differ between splits
-        return [LabelledText(int(label), text, tuple(tokenize(text))) for label, text in reader]
+    return [
+        LabelledText(label, text, tuple(tokenize(text)))
+        for label, text in read_sst2_rows(data_dir, split)
+    ]

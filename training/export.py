@@ -6,7 +6,8 @@
 Writes ``model.onnx`` (fp32, opset ``OPSET``) into an artifact, plus candidate
 variants: ``model.int8.onnx`` (dynamic INT8 quantization, for the CPU) and
 ``model.fp16.onnx`` (half-precision weights and arithmetic, for the GPU). Whether
-a candidate is kept is decided by ``training.verify``, which measures it;
+a candidate is kept is decided by ``training.variants``, from its measured
+accuracy and size;
 ``python -m training.pipeline`` runs export and verification in one atomic update
 of the artifact, so an unverified graph is never released.
 
@@ -74,16 +75,7 @@ from models.artifacts import (
     staged_artifact,
     write_json,
 )
-from models.preprocessing import latent_batch
-from models.registry import (
-    DIGIT_GENERATOR,
-    MNIST_CLASSIFIER,
-    REGISTRY,
-    SENTIMENT_CLASSIFIER,
-    ModelSpec,
-    get_spec,
-)
-from models.tokenizer import PAD_ID, UNK_ID
+from models.registry import EXAMPLE_BATCH, EXAMPLE_LENGTH, REGISTRY, ModelSpec, get_spec
 from training.common import add_model_selection_arguments
 
 log = logging.getLogger(__name__)
@@ -95,52 +87,15 @@ EXPORTER = "torch.onnx.export(dynamo=True) + onnxscript constant folding"
 # Large enough to fold every weight re-layout in these models (the biggest is the
 # embedding table), so no weight is rearranged at inference time.
 FOLD_SIZE_LIMIT = 1 << 26
-# Traced sizes: not 0 or 1 (torch.export specialises those) and different from
-# each other, so batch and sequence cannot be unified into one symbol.
 STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 # metadata.json sections written by training.verify about a particular graph.
 VERIFICATION_SECTIONS = ("parity", "variants")
-EXAMPLE_BATCH = 3
-EXAMPLE_LENGTH = 5
-
-
-# --- example inputs ---------------------------------------------------------------
-
-
-def _digit_images(config: Any) -> tuple[torch.Tensor, ...]:
-    generator = torch.Generator().manual_seed(0)
-    side = config.image_size
-    return (torch.randn(EXAMPLE_BATCH, config.in_channels, side, side, generator=generator),)
-
-
-def _token_ids(config: Any) -> tuple[torch.Tensor, ...]:
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(
-        UNK_ID + 1, config.vocab_size, (EXAMPLE_BATCH, EXAMPLE_LENGTH), generator=generator
-    )
-    # Mixed lengths with real padding, so the traced graph is the padded-batch path.
-    lengths = torch.tensor([EXAMPLE_LENGTH, 2, 1][:EXAMPLE_BATCH], dtype=torch.int64)
-    for row, length in enumerate(lengths.tolist()):
-        ids[row, length:] = PAD_ID
-    return ids, lengths
-
-
-def _latent_and_labels(config: Any) -> tuple[torch.Tensor, ...]:
-    return latent_batch(EXAMPLE_BATCH, config.latent_dim, seed=0, num_classes=config.num_classes)
-
-
-EXAMPLE_INPUTS: dict[str, Callable[[Any], tuple[torch.Tensor, ...]]] = {
-    MNIST_CLASSIFIER: _digit_images,
-    SENTIMENT_CLASSIFIER: _token_ids,
-    DIGIT_GENERATOR: _latent_and_labels,
-}
 
 
 def example_inputs(spec: ModelSpec, config: Any) -> tuple[torch.Tensor, ...]:
-    """The inputs the export traces with, in ``spec.onnx.inputs`` order."""
-    if not hasattr(config, "__dataclass_fields__"):
-        config = spec.config_from_dict(config)
-    return EXAMPLE_INPUTS[spec.name](config)
+    """The inputs the export traces with (the spec's example at the traced sizes)."""
+    arrays = spec.example_inputs(config, EXAMPLE_BATCH, seed=0, sequence_length=EXAMPLE_LENGTH)
+    return tuple(torch.from_numpy(array) for array in arrays)
 
 
 # --- fp32 export --------------------------------------------------------------------
@@ -350,16 +305,12 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 INT8 = OnnxVariant("int8", ONNX_INT8_FILE, "cpu", "dynamic INT8 quantization", quantize_int8)
 FP16 = OnnxVariant("fp16", ONNX_FP16_FILE, "gpu", "float16 weights and arithmetic", convert_fp16)
-# The generator gets no INT8 candidate: its bulk is transposed convolutions, which
-# dynamic quantization does not cover. The sentiment model gets no fp16 candidate:
-# the 30 MB release budget buys it a larger embedding instead (85.8 against 84.3 %
-# dev accuracy, same seed and teachers), and on a GPU the service runs it in
-# PyTorch fp16 (cuDNN's LSTM) anyway.
-VARIANT_CANDIDATES: dict[str, tuple[OnnxVariant, ...]] = {
-    MNIST_CLASSIFIER: (INT8, FP16),
-    SENTIMENT_CLASSIFIER: (INT8,),
-    DIGIT_GENERATOR: (FP16,),
-}
+# Each spec lists its candidates by precision (``spec.variants``) and says why.
+VARIANTS: dict[str, OnnxVariant] = {variant.precision: variant for variant in (INT8, FP16)}
+
+
+def variant_candidates(spec: ModelSpec) -> tuple[OnnxVariant, ...]:
+    return tuple(VARIANTS[precision] for precision in spec.variants)
 
 
 # --- artifact level -----------------------------------------------------------------
@@ -378,7 +329,7 @@ def export_into(spec: ModelSpec, directory: Path) -> dict[str, Any]:
     """Export the artifact in (staging) ``directory``: fp32 graph plus candidate variants.
 
     Records the export in metadata.json's ``onnx`` section and returns it. Variant
-    files are candidates until ``training.verify`` keeps or removes them.
+    files are candidates until ``training.variants`` keeps or drops them.
     """
     artifact = spec.load_artifact(directory)
     module = spec.load_module(artifact, device="cpu")
@@ -388,7 +339,7 @@ def export_into(spec: ModelSpec, directory: Path) -> dict[str, Any]:
         (directory / filename).unlink(missing_ok=True)
     onnx.save_model(model, directory / ONNX_FILE)
     files = {"fp32": ONNX_FILE}
-    for variant in VARIANT_CANDIDATES[spec.name]:
+    for variant in variant_candidates(spec):
         onnx.save_model(variant.build(model), directory / variant.filename)
         files[variant.precision] = variant.filename
     example = example_inputs(spec, artifact.config)

@@ -45,9 +45,11 @@ from models.registry import (
     artifacts_root,
     get_spec,
 )
-from training import gan_metrics, reports
+from training import distributed, gan_metrics, reports
 from training.common import (
     add_run_arguments,
+    epoch_count,
+    resume_from,
     run_provenance,
     save_trained_model,
     seed_everything,
@@ -160,14 +162,26 @@ def train(
 
     Each snapshot is the moving average of the generator weights with its
     BatchNorm statistics recomputed. Scoring them needs the classifier, which is
-    loaded only afterwards, so the classifier may still be training meanwhile."""
+    loaded only afterwards, so the classifier may still be training meanwhile.
+
+    Under torchrun G and D are each wrapped in DistributedDataParallel: every
+    rank takes its share of the same global batch of real digits (the order is
+    seeded with ``seed`` everywhere) and draws its own latent noise; each
+    ``backward`` averages that network's gradients over the ranks, so both
+    optimisers take identical steps everywhere, and each network's BatchNorm
+    buffers are broadcast from rank 0 at its forward. The generator step runs D
+    under ``no_sync``: those D gradients are thrown away, so averaging them
+    would be wasted traffic."""
     train_set, _ = mnist_train_validation(args.data_dir, augment=False, seed=config.seed)
     real = mnist_pixels(train_set) * 2 - 1  # the generator's tanh range
     real_labels = torch.as_tensor(train_set.dataset.targets[torch.as_tensor(train_set.indices)])
 
-    generator = Generator(GeneratorConfig()).to(device)
-    discriminator = Discriminator(DiscriminatorConfig()).to(device)
-    average = copy.deepcopy(generator).eval()
+    context = distributed.current()
+    generator_network = Generator(GeneratorConfig()).to(device)
+    discriminator_network = Discriminator(DiscriminatorConfig()).to(device)
+    generator = distributed.wrap(generator_network, context, device)
+    discriminator = distributed.wrap(discriminator_network, context, device)
+    average = copy.deepcopy(generator_network).eval()
     for parameter in average.parameters():
         parameter.requires_grad_(False)
     optimizer_g = torch.optim.Adam(
@@ -177,21 +191,39 @@ def train(
         discriminator.parameters(), lr=config.learning_rate, betas=config.betas
     )
     shuffler = torch.Generator().manual_seed(config.seed)
-    latent_dim, num_classes = generator.config.latent_dim, generator.config.num_classes
+    latent_dim = generator_network.config.latent_dim
+    num_classes = generator_network.config.num_classes
     steps = SMOKE_TRAIN_BATCHES if config.smoke else len(real) // config.batch_size
     history: dict[str, list[float]] = {"discriminator_loss": [], "generator_loss": []}
     snapshots: list[dict[str, torch.Tensor]] = []
+    settings = {**config.__dict__, "data_dir": str(args.data_dir)}
+    start = 1
+    resumed = resume_from(args, settings)
+    if resumed:
+        generator_network.load_state_dict(resumed["generator"])
+        discriminator_network.load_state_dict(resumed["discriminator"])
+        average.load_state_dict(resumed["average"])
+        optimizer_g.load_state_dict(resumed["optimizer_g"])
+        optimizer_d.load_state_dict(resumed["optimizer_d"])
+        shuffler.set_state(resumed["shuffler"])
+        history, snapshots, start = resumed["history"], resumed["snapshots"], resumed["epoch"] + 1
+    distributed.local_batch_size(context, config.batch_size)  # refuses an uneven split
 
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(start, config.epochs + 1):
         generator.train()
         discriminator.train()
         order = torch.randperm(len(real), generator=shuffler)
         sums = {"d": 0.0, "g": 0.0}
         progress = tqdm(
-            range(steps), desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False
+            range(steps),
+            desc=f"epoch {epoch}/{config.epochs}",
+            unit="batch",
+            leave=False,
+            disable=not context.is_main,
         )
         for step in progress:
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+            batch = distributed.shard(context, batch)
             images, labels = real[batch].to(device), real_labels[batch].to(device)
             count = len(batch)
             latent = torch.randn(count, latent_dim, device=device)
@@ -213,7 +245,8 @@ def train(
             optimizer_d.step()
 
             # Generator: look real, and look like the digit that was asked for.
-            fake_score, fake_class = discriminator(fakes)
+            with distributed.no_sync(discriminator):
+                fake_score, fake_class = discriminator(fakes)
             loss_g = F.binary_cross_entropy_with_logits(
                 fake_score, torch.ones_like(fake_score)
             ) + F.cross_entropy(fake_class, fake_labels)
@@ -221,7 +254,9 @@ def train(
             loss_g.backward()
             optimizer_g.step()
             with torch.no_grad():
-                for kept, current in zip(average.parameters(), generator.parameters(), strict=True):
+                for kept, current in zip(
+                    average.parameters(), generator_network.parameters(), strict=True
+                ):
                     kept.lerp_(current, 1 - config.ema_decay)
 
             sums["d"] += loss_d.item()
@@ -230,6 +265,10 @@ def train(
                 d=f"{sums['d'] / (step + 1):.3f}", g=f"{sums['g'] / (step + 1):.3f}"
             )
         progress.close()
+        if context.world_size > 1:
+            # Every rank's losses are means over equal parts of the batch: average them.
+            totals = distributed.all_reduce_sum([sums["d"], sums["g"]])
+            sums = {"d": totals[0] / context.world_size, "g": totals[1] / context.world_size}
 
         history["discriminator_loss"].append(sums["d"] / steps)
         history["generator_loss"].append(sums["g"] / steps)
@@ -238,6 +277,21 @@ def train(
             average, device, batches=2 if config.smoke else 40, seed=config.seed
         )
         snapshots.append({k: v.detach().cpu().clone() for k, v in average.state_dict().items()})
+        distributed.save_checkpoint(
+            args.checkpoint_dir,
+            {
+                "settings": settings,
+                "epoch": epoch,
+                "generator": generator_network.state_dict(),
+                "discriminator": discriminator_network.state_dict(),
+                "average": average.state_dict(),
+                "optimizer_g": optimizer_g.state_dict(),
+                "optimizer_d": optimizer_d.state_dict(),
+                "shuffler": shuffler.get_state(),
+                "history": history,
+                "snapshots": snapshots,
+            },
+        )
 
     return snapshots, history, len(real)
 
@@ -369,11 +423,12 @@ def evaluate_saved(
     return destination
 
 
+@distributed.entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = start_run(args)
     config = TrainConfig(
-        epochs=1 if args.smoke else args.epochs,
+        epochs=epoch_count(args),
         batch_size=args.batch_size,
         learning_rate=args.lr,
         seed=args.seed,
@@ -383,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     classifier_dir = args.classifier_dir or get_spec(MNIST_CLASSIFIER).artifact_dir()
 
     if args.evaluate_only:
+        if not distributed.current().is_main:
+            return 0
         classifier = load_classifier(classifier_dir, device)
         log.info("re-evaluated %s", evaluate_saved(args, config, classifier, device))
         return 0
@@ -391,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     snapshots, history, train_size = train(config, args, device)
     training_seconds = time.perf_counter() - started
+    # The snapshots are the same on every rank; rank 0 alone scores and writes them.
+    distributed.barrier()
+    if not distributed.current().is_main:
+        return 0
     classifier = load_classifier(classifier_dir, device)
     generator, best = select_epoch(snapshots, history, classifier, args, config, device)
     metrics = {

@@ -42,9 +42,11 @@ from models.preprocessing import (
     digit_tensor_from_image,
 )
 from models.registry import DIGIT_LABELS, MNIST_CLASSIFIER, artifacts_root, get_spec
-from training import reports
+from training import distributed, reports
 from training.common import (
     add_run_arguments,
+    epoch_count,
+    resume_from,
     run_provenance,
     save_trained_model,
     seed_everything,
@@ -120,10 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
+def _loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0, sampler=None) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        generator=generator,
+        num_workers=0,
+    )
+
+
+def _evaluation_loader(dataset, limit: int | None) -> DataLoader:
+    """This rank's part of the first ``limit`` images (``evaluate`` adds the parts up)."""
+    context = distributed.current()
+    return _loader(
+        distributed.evaluation_shard(context, _first(dataset, limit)), 1000, shuffle=False
     )
 
 
@@ -133,7 +148,8 @@ def _first(dataset, count: int | None):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, device: torch.device) -> dict:
-    """Loss, accuracy and confusion matrix of ``model`` (put in eval mode) over ``batches``."""
+    """Loss, accuracy and confusion matrix of ``model`` (put in eval mode) over ``batches``,
+    summed over the ranks under torchrun (each passes its own part of the images)."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     total_loss, confusion = 0.0, torch.zeros(10, 10, dtype=torch.int64)
@@ -142,6 +158,8 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device) -> dict:
         total_loss += loss_fn(logits, labels.to(device)).item()
         predicted = logits.argmax(1).cpu()
         confusion += torch.bincount(labels * 10 + predicted, minlength=100).reshape(10, 10)
+    confusion = distributed.all_reduce_sum(confusion)
+    (total_loss,) = distributed.all_reduce_sum([total_loss])
     count = int(confusion.sum())
     return {
         "loss": total_loss / max(count, 1),
@@ -151,10 +169,9 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device) -> dict:
     }
 
 
-def service_preprocessed_test_batches(data_dir: Path, limit: int | None, batch_size: int):
+def service_preprocessed_test_batches(data_dir: Path, limit: int | None):
     """Raw test images through ``digit_tensor_from_image``, as an uploaded PNG would be."""
-    raw = _first(mnist_test_set(data_dir, transform=digit_tensor_from_image), limit)
-    return _loader(raw, batch_size, shuffle=False)
+    return _evaluation_loader(mnist_test_set(data_dir, transform=digit_tensor_from_image), limit)
 
 
 def train(config: TrainConfig, args: argparse.Namespace, device: torch.device):
@@ -166,11 +183,25 @@ def train(config: TrainConfig, args: argparse.Namespace, device: torch.device):
         [ServicePreprocessing(config.service_fraction), mnist_transform(augment=True)]
     )
     eval_limit = SMOKE_EVAL_IMAGES if config.smoke else None
-    validation_loader = _loader(_first(validation_set, eval_limit), 1000, shuffle=False)
-    train_loader = _loader(train_set, config.batch_size, shuffle=True, seed=config.seed)
+    validation_loader = _evaluation_loader(validation_set, eval_limit)
+    context = distributed.current()
+    # Under torchrun each rank loads its share of every global batch.
+    sampler = (
+        distributed.training_sampler(context, train_set, config.seed)
+        if context.distributed
+        else None
+    )
+    train_loader = _loader(
+        train_set,
+        distributed.local_batch_size(context, config.batch_size),
+        shuffle=True,
+        seed=config.seed,
+        sampler=sampler,
+    )
     steps_per_epoch = SMOKE_TRAIN_BATCHES if config.smoke else len(train_loader)
 
-    model = DigitClassifier(DigitClassifierConfig()).to(device)
+    network = DigitClassifier(DigitClassifierConfig()).to(device)
+    model = distributed.wrap(network, context, device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.max_learning_rate, weight_decay=config.weight_decay
     )
@@ -188,9 +219,19 @@ def train(config: TrainConfig, args: argparse.Namespace, device: torch.device):
         "validation_accuracy": [],
     }
     best = {"accuracy": -1.0, "epoch": 0, "state": None}
+    start = 1
+    resumed = resume_from(args, {**config.__dict__, "data_dir": str(args.data_dir)})
+    if resumed:
+        network.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        schedule.load_state_dict(resumed["schedule"])
+        train_loader.generator.set_state(resumed["loader_generator"])
+        history, best, start = resumed["history"], resumed["best"], resumed["epoch"] + 1
 
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(start, config.epochs + 1):
         model.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         seen, correct, loss_sum = 0, 0, 0.0
         progress = tqdm(
             train_loader,
@@ -198,6 +239,7 @@ def train(config: TrainConfig, args: argparse.Namespace, device: torch.device):
             desc=f"epoch {epoch}/{config.epochs}",
             unit="batch",
             leave=False,
+            disable=not context.is_main,
         )
         for step, (images, labels) in enumerate(progress):
             if step >= steps_per_epoch:
@@ -214,7 +256,9 @@ def train(config: TrainConfig, args: argparse.Namespace, device: torch.device):
             loss_sum += loss.item() * len(labels)
             progress.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
         progress.close()
-        validation = evaluate(model, validation_loader, device)
+        seen, correct, loss_sum = distributed.all_reduce_sum([seen, correct, loss_sum])
+        distributed.broadcast_buffers(network)
+        validation = evaluate(network, validation_loader, device)
         history["train_loss"].append(loss_sum / seen)
         history["train_accuracy"].append(correct / seen)
         history["validation_loss"].append(validation["loss"])
@@ -231,18 +275,34 @@ def train(config: TrainConfig, args: argparse.Namespace, device: torch.device):
             best = {
                 "accuracy": validation["accuracy"],
                 "epoch": epoch,
-                "state": copy.deepcopy(model.state_dict()),
+                "state": copy.deepcopy(network.state_dict()),
             }
+        distributed.save_checkpoint(
+            args.checkpoint_dir,
+            {
+                "settings": {**config.__dict__, "data_dir": str(args.data_dir)},
+                "epoch": epoch,
+                "model": network.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                # Without torchrun the loader's shuffling generator is the sampler state;
+                # DistributedSampler's order follows from the seed and the epoch alone.
+                "loader_generator": train_loader.generator.get_state(),
+                "history": history,
+                "best": best,
+            },
+        )
 
-    model.load_state_dict(best["state"])
-    return model.eval(), history, best, len(train_set)
+    network.load_state_dict(best["state"])
+    return network.eval(), history, best, len(train_set)
 
 
+@distributed.entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = start_run(args)
     config = TrainConfig(
-        epochs=1 if args.smoke else args.epochs,
+        epochs=epoch_count(args),
         batch_size=args.batch_size,
         max_learning_rate=args.lr,
         service_fraction=args.service_fraction,
@@ -259,16 +319,15 @@ def main(argv: list[str] | None = None) -> int:
     eval_limit = SMOKE_EVAL_IMAGES if config.smoke else None
     test = evaluate(
         model,
-        _loader(
-            _first(mnist_test_set(args.data_dir, mnist_transform(False)), eval_limit),
-            1000,
-            shuffle=False,
-        ),
+        _evaluation_loader(mnist_test_set(args.data_dir, mnist_transform(False)), eval_limit),
         device,
     )
     service_test = evaluate(
-        model, service_preprocessed_test_batches(args.data_dir, eval_limit, 1000), device
+        model, service_preprocessed_test_batches(args.data_dir, eval_limit), device
     )
+    distributed.barrier()
+    if not distributed.current().is_main:
+        return 0
     log.info(
         "test accuracy %.4f (%d images); through service preprocessing %.4f",
         test["accuracy"],

@@ -2,29 +2,36 @@
 
     python -m training.pipeline                        # all models, full training
     python -m training.pipeline --skip-train           # re-check and register the committed ones
+    python -m training.pipeline --skip-train --write   # ... and record the re-export and checks
     python -m training.pipeline --model mnist-cnn --quick --artifacts-dir /tmp/artifacts
 
 Stages, for each model in registry order (the generator's checks read digits
 with the classifier, so the classifier comes first):
 
-    train     the model's training script (``training.mnist`` / ``.sentiment`` /
-              ``.gan``) writes a complete artifact; ``--quick`` passes ``--smoke``
-    evaluate  the saved PyTorch model's test accuracy (``training.verify``)
+    train     the model's training script (``spec.training``) writes a complete
+              artifact; ``--quick`` passes ``--smoke``
+    evaluate  the saved PyTorch model's test accuracy (``training.evaluation``)
     export    ONNX fp32 graph plus INT8 / fp16 candidates (``training.export``)
     verify    ONNX Runtime against PyTorch on the test split; variants measured,
-              kept or dropped (``training.verify``)
+              kept or dropped by the variant policy (``training.verify``)
     register  import into the BentoML model store (``training.register``)
 
-Evaluate, export and verify work on a staged copy of the artifact that replaces
-the real one only when every check passed, so a failure leaves the previous
-artifact exactly as it was. The pipeline stops at the first failure with an
-error naming the model, the stage and the check, and exits with status 1.
+Evaluate, export and verify work on a copy of the artifact. After training it
+replaces the real one when every check passed, so a failure leaves the previous
+artifact exactly as it was. With ``--skip-train`` the run only checks and
+reports: the copy is discarded, the committed files stay byte for byte as they
+were, and the run fails if the policy would release other variants than the
+artifact carries; ``--write`` swaps the re-exported, re-verified copy in. The
+pipeline stops at the first failure with an error naming the model, the stage
+and the check, and exits with status 1.
+
+Under ``torchrun`` every process runs the train stage (the scripts share the
+work, see ``training.distributed``); the later stages run on rank 0 only.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,29 +39,19 @@ from pathlib import Path
 
 import torch
 
-from models.artifacts import ArtifactError, staged_artifact
-from models.registry import (
-    DIGIT_GENERATOR,
-    MNIST_CLASSIFIER,
-    REGISTRY,
-    SENTIMENT_CLASSIFIER,
-    ModelSpec,
-    artifacts_root,
-    get_spec,
-)
-from service.model_store import SERVED_MODELS_FILE, pin_served_tags
-from training.common import default_data_dir
+from models.artifacts import ArtifactError
+from models.registry import REGISTRY, ModelSpec, artifacts_root, get_spec
+from models.served import SERVED_MODELS_FILE, pin_served_tags
+from training import distributed
+from training.common import default_data_dir, pick_device
+from training.evaluation import VerificationError, evaluate_into
 from training.export import configure_logging, export_into
 from training.register import is_release_root, register_artifact
-from training.verify import VerificationError, evaluate_into, verify_into
+from training.variants import kept_files
+from training.verify import changed_files, check_released_variants, verify_into, working_copy
 
 log = logging.getLogger(__name__)
 
-TRAINING_MODULES = {
-    MNIST_CLASSIFIER: "training.mnist",
-    SENTIMENT_CLASSIFIER: "training.sentiment",
-    DIGIT_GENERATOR: "training.gan",
-}
 ALL = "all"
 
 
@@ -86,9 +83,14 @@ def train(spec: ModelSpec, root: Path, args: argparse.Namespace) -> None:
         argv += ["--threads", str(args.threads)]
     if args.quick:
         argv.append("--smoke")
-    if spec.name == DIGIT_GENERATOR:
-        argv += ["--classifier-dir", str(get_spec(MNIST_CLASSIFIER).artifact_dir(root))]
-    trainer = importlib.import_module(TRAINING_MODULES[spec.name])
+    if args.dist_backend != "auto":
+        argv += ["--dist-backend", args.dist_backend]
+    if spec.verification.labels_read_by:
+        argv += [
+            "--classifier-dir",
+            str(get_spec(spec.verification.labels_read_by).artifact_dir(root)),
+        ]
+    trainer = spec.training_module
     log.info("%s: python -m %s %s", spec.name, trainer.__name__, " ".join(argv))
     status = trainer.main(argv)
     if status:
@@ -106,32 +108,43 @@ def run_model(spec: ModelSpec, root: Path, args: argparse.Namespace) -> None:
     else:
         with stage(spec, "train"):
             train(spec, root, args)
+    if not distributed.current().is_main:
+        return
     with stage(spec, "checksums"):
         # Checked here as well as in the staged copy, so an error names the real file.
-        spec.load_artifact(directory)
-    classifier_dir = get_spec(MNIST_CLASSIFIER).artifact_dir(root)
-    with staged_artifact(directory) as staging:
+        committed = spec.load_artifact(directory).metadata
+    write = args.write or not args.skip_train
+    with working_copy(directory, write=write) as staging:
         with stage(spec, "evaluate"):
-            evaluate_into(
-                spec, staging, args.data_dir, quick=args.quick, classifier_dir=classifier_dir
-            )
+            evaluate_into(spec, staging, args.data_dir, quick=args.quick, root=root)
         with stage(spec, "export"):
             export_into(spec, staging)
         with stage(spec, "verify"):
-            verify_into(
-                spec,
-                staging,
-                args.data_dir,
-                quick=args.quick,
-                classifier_dir=classifier_dir,
-                threads=args.threads,
+            results = verify_into(
+                spec, staging, args.data_dir, quick=args.quick, root=root, threads=args.threads
             )
+            if not write:
+                check_released_variants(spec, committed, kept_files(results["variants"]))
+                report_reexport(spec, directory, staging)
     if args.register:
         with stage(spec, "register"):
             tag = register_artifact(spec, directory)
             if is_release_root(args.artifacts_dir) and pin_served_tags([str(tag)]):
                 log.info("%s: pinned as served in %s", spec.name, SERVED_MODELS_FILE)
         log.info("%s: registered as %s", spec.name, tag)
+
+
+def report_reexport(spec: ModelSpec, committed: Path, checked: Path) -> None:
+    """Say whether exporting again reproduced the committed files byte for byte."""
+    changed = changed_files(committed, checked)
+    if changed:
+        log.warning(
+            "%s: the re-export differs from the committed %s (not written; --write records it)",
+            spec.name,
+            ", ".join(changed),
+        )
+    else:
+        log.info("%s: the re-export reproduces every committed file; nothing written", spec.name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-train",
         action="store_true",
         help="start from the existing artifacts instead of training",
+    )
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="with --skip-train: replace the artifacts with the re-exported, re-verified ones "
+        "(without it, --skip-train only checks and reports)",
     )
     parser.add_argument(
         "--no-register", dest="register", action="store_false", help="stop after verification"
@@ -176,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         "measured whenever CUDA is available",
     )
     parser.add_argument(
+        "--dist-backend",
+        choices=distributed.BACKENDS,
+        default="auto",
+        help="torch.distributed backend under torchrun (auto: nccl on CUDA, else gloo)",
+    )
+    parser.add_argument(
         "--seed", type=int, default=None, help="training seed (default: each script's own)"
     )
     parser.add_argument(
@@ -187,11 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@distributed.entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # One process group for all the trainings; ranks other than 0 only train.
+    distributed.init(pick_device(args.device), args.dist_backend)
     root = args.artifacts_dir or artifacts_root()
     names = list(REGISTRY) if args.model == ALL else [args.model]
     try:

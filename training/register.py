@@ -39,7 +39,7 @@ from models.registry import (
     get_spec,
     store_version,
 )
-from service.model_store import SERVED_MODELS_FILE, pin_served_tags
+from models.served import SERVED_MODELS_FILE, pin_served_tags
 from training.common import add_model_selection_arguments
 
 log = logging.getLogger(__name__)

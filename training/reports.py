@@ -2,9 +2,8 @@
 
 * ``plot_curves``: one panel per metric family (loss, accuracy, ...) with a line
   per series, e.g. ``{"train_loss": [...], "validation_loss": [...]}``.
-* ``plot_confusion_matrix``: a labelled count matrix.
-* ``plot_digit_grid``: rows of ``28×28`` images, one row per digit.
-* ``save_report``: several of the above side by side in one PNG.
+* ``save_report``: training curves beside a labelled confusion matrix or a grid of
+  ``28×28`` samples (one row per digit), in one PNG.
 
 Matplotlib runs on the non-interactive Agg backend, so reports are written on
 machines without a display.
@@ -93,16 +92,6 @@ def draw_confusion_matrix(ax: Axes, matrix: np.ndarray, labels: Sequence[str]) -
     ax.set_title(f"confusion matrix (accuracy {np.trace(matrix) / max(matrix.sum(), 1):.2%})")
 
 
-def plot_confusion_matrix(
-    matrix: np.ndarray, labels: Sequence[str], path: Path, title: str
-) -> Path:
-    figure, ax = plt.subplots(figsize=(6, 6))
-    draw_confusion_matrix(ax, matrix, labels)
-    figure.suptitle(title)
-    figure.tight_layout()
-    return _save(figure, path)
-
-
 def draw_digit_grid(ax: Axes, images: np.ndarray, row_labels: Sequence[str]) -> None:
     """``images``: ``rows×cols×H×W`` pixels in ``[0, 1]``, white ink on black."""
     rows, cols, height, width = images.shape
@@ -111,14 +100,6 @@ def draw_digit_grid(ax: Axes, images: np.ndarray, row_labels: Sequence[str]) -> 
     ax.set_yticks([height * r + height / 2 - 0.5 for r in range(rows)], row_labels)
     ax.set_xticks([])
     ax.set_title("samples, one row per digit")
-
-
-def plot_digit_grid(images: np.ndarray, row_labels: Sequence[str], path: Path, title: str) -> Path:
-    figure, ax = plt.subplots(figsize=(6, 6))
-    draw_digit_grid(ax, images, row_labels)
-    figure.suptitle(title)
-    figure.tight_layout()
-    return _save(figure, path)
 
 
 def save_report(

@@ -48,8 +48,11 @@ from models.preprocessing import encode_texts
 from models.registry import SENTIMENT_CLASSIFIER, get_spec
 from models.sentiment import SentimentClassifier, SentimentClassifierConfig
 from models.tokenizer import UNK_ID, Vocabulary
+from training import distributed
 from training.common import (
     add_run_arguments,
+    epoch_count,
+    resume_from,
     run_provenance,
     save_trained_model,
     seed_everything,
@@ -296,15 +299,22 @@ def train_one_seed(
     dev: EncodedSplit,
     device: torch.device,
     teachers: Sequence[Teacher] = (),
+    args: argparse.Namespace | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, list[float]]]:
     """Train one model; return the best-on-dev EMA weights, their dev scores and the history.
 
     With ``teachers``, the loss mixes the label's cross-entropy with the
-    distillation loss, weighted by ``config.distillation_weight``.
+    distillation loss, weighted by ``config.distillation_weight``. ``args``
+    carries ``--checkpoint-dir`` / ``--resume`` (one checkpoint file per seed).
+
+    Under torchrun every rank draws the same global batches and word dropout
+    (both seeded with ``seed``) and trains on its share of each batch.
     """
     seed_everything(seed)
-    model = SentimentClassifier(model_config).to(device)
-    average = WeightAverage(model, config.ema_decay)
+    context = distributed.current()
+    network = SentimentClassifier(model_config).to(device)
+    model = distributed.wrap(network, context, device)
+    average = WeightAverage(network, config.ema_decay)
     # Weight decay on matrices only: biases and the embedding's padding row stay untouched.
     decayed = [p for name, p in model.named_parameters() if p.dim() > 1]
     plain = [p for name, p in model.named_parameters() if p.dim() <= 1]
@@ -332,16 +342,46 @@ def train_one_seed(
         "dev_accuracy": [],
     }
     best: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
-    for epoch in range(1, config.epochs + 1):
+    checkpoint_dir = args.checkpoint_dir if args else None
+    checkpoint_name = f"checkpoint-seed{seed}.pt"
+    settings = {**asdict(config), **asdict(model_config), "seed": seed, "examples": len(train)}
+    start = 1
+    resumed = resume_from(args, settings, checkpoint_name) if args else None
+    if resumed:
+        network.load_state_dict(resumed["model"])
+        average.module.load_state_dict(resumed["average"])
+        average.updates = resumed["average_updates"]
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        version, internal, gauss = resumed["batch_order"]
+        batch_order.setstate((version, tuple(internal), gauss))
+        dropout_generator.set_state(resumed["dropout_generator"])
+        history, best, start = resumed["history"], resumed["best"], resumed["epoch"] + 1
+    for epoch in range(start, config.epochs + 1):
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         batches = length_bucketed_batches(train, config.batch_size, batch_order)
         progress = tqdm(
-            batches, desc=f"seed {seed} epoch {epoch}/{config.epochs}", leave=False, mininterval=2.0
+            batches,
+            desc=f"seed {seed} epoch {epoch}/{config.epochs}",
+            leave=False,
+            mininterval=2.0,
+            disable=not context.is_main,
         )
         for indices in progress:
             token_ids, lengths, labels = pad_batch(train, indices)
             dropped = word_dropout_mask(token_ids, lengths, config.word_dropout, dropout_generator)
+            # Weight of this rank's part in the global batch's mean loss (1 in one process):
+            # DDP averages over ranks, and the last batch need not split evenly.
+            share = len(distributed.shard(context, indices)) * context.world_size / len(indices)
+            if context.world_size > 1:
+                indices, token_ids, lengths, labels, dropped = (
+                    distributed.shard(context, part)
+                    for part in (indices, token_ids, lengths, labels, dropped)
+                )
+                # As wide as this part's longest phrase, like the teachers' own batches.
+                width = int(lengths.max())
+                token_ids, dropped = token_ids[:, :width], dropped[:, :width]
             token_ids = token_ids.masked_fill(dropped, UNK_ID)
             token_ids, lengths, labels = token_ids.to(device), lengths.to(device), labels.to(device)
             logits = model(token_ids, lengths)
@@ -353,15 +393,17 @@ def train_one_seed(
                     logits, targets, config.temperature
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share if context.world_size > 1 else loss).backward()
             nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
             optimizer.step()
             scheduler.step()
-            average.update(model)
+            average.update(network)
             loss_sum += loss.item() * len(indices)
             correct += (logits.argmax(dim=1) == labels).sum().item()
             seen += len(indices)
             progress.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
+        loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen])
+        # The models are identical on every rank, so each scores all of dev itself.
         scores = evaluate(average.module, dev, device)
         history["train_loss"].append(loss_sum / seen)
         history["train_accuracy"].append(correct / seen)
@@ -387,6 +429,23 @@ def train_one_seed(
                     "dev_loss": scores["loss"],
                 },
             )
+        distributed.save_checkpoint(
+            checkpoint_dir,
+            {
+                "settings": settings,
+                "epoch": epoch,
+                "model": network.state_dict(),
+                "average": average.module.state_dict(),
+                "average_updates": average.updates,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "batch_order": batch_order.getstate(),
+                "dropout_generator": dropout_generator.get_state(),
+                "history": history,
+                "best": best,
+            },
+            checkpoint_name,
+        )
     assert best is not None
     return best[0], best[1], history
 
@@ -447,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@distributed.entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
@@ -463,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "test": subset.sample(splits["test"], SMOKE_EVAL_SIZE),
         }
     config = TrainingConfig(
-        epochs=1 if args.smoke else args.epochs,
+        epochs=epoch_count(args),
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
@@ -512,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results = [
         train_one_seed(
-            seed, model_config, config, encoded["train"], encoded["dev"], device, teachers
+            seed, model_config, config, encoded["train"], encoded["dev"], device, teachers, args
         )
         for seed in seeds
     ]
@@ -532,6 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         wall_seconds,
     )
 
+    distributed.barrier()
+    if not distributed.current().is_main:
+        return 0
     spec = get_spec(SENTIMENT_CLASSIFIER)
     metadata = {
         "smoke": args.smoke,

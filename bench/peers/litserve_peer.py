@@ -43,7 +43,14 @@ def main(argv: list[str] | None = None) -> None:
         max_batch_size=MAX_BATCH_SIZE, batch_timeout=MAX_LATENCY_MS / 1000, api_path="/classify"
     )
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=60)
-    server.run(port=args.port, host="127.0.0.1", num_api_servers=1, log_level="warning")
+    # LitServe writes a client.py into the working directory unless told not to.
+    server.run(
+        port=args.port,
+        host="127.0.0.1",
+        num_api_servers=1,
+        log_level="warning",
+        generate_client_file=False,
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Measure every inference backend and precision per model on this machine.
 
-    python -m service.measure_backends                      # auto device, all models
-    python -m service.measure_backends --device cuda --batch-sizes 1 64 256
-    python -m service.measure_backends --json backends.json
+    python -m bench.measure_backends                      # auto device, all models
+    python -m bench.measure_backends --device cuda --batch-sizes 1 64 256
+    python -m bench.measure_backends --json backends.json
 
 For each model it loads the artifact (``models/artifacts`` or
 ``--artifacts-dir``), builds every predictor the device supports (PyTorch fp32,
@@ -16,31 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from models.artifacts import ONNX_FILES
-from models.preprocessing import latent_batch
 from models.registry import REGISTRY, ModelSpec, artifacts_root
+from models.timing import median_ms
 from service.backends import BackendError, Device, Placement, load_predictor, resolve_device
+
+# Rows of a typical SST-2 sentence's length, for the sentiment model.
+SENTENCE_TOKENS = 20
 
 
 def example_batch(spec: ModelSpec, config: dict, size: int) -> tuple[np.ndarray, ...]:
-    """A realistic input batch of ``size`` rows for one model."""
-    generator = torch.Generator().manual_seed(0)
-    if "vocab_size" in config:
-        length = 20  # a typical SST-2 sentence
-        ids = torch.randint(2, config["vocab_size"], (size, length), generator=generator)
-        return ids.numpy(), np.full(size, length, dtype=np.int64)
-    if "latent_dim" in config:
-        latent, labels = latent_batch(size, config["latent_dim"], seed=0)
-        return latent.numpy(), labels.numpy()
-    side = config.get("image_size", 28)
-    return (torch.randn(size, 1, side, side, generator=generator).numpy(),)
+    """A realistic input batch of ``size`` rows for one model (the spec's example)."""
+    return spec.example_inputs(config, size, seed=0, sequence_length=SENTENCE_TOKENS)
 
 
 def candidates(device: Device, artifact_files: dict) -> list[tuple[str, str]]:
@@ -54,13 +46,7 @@ def candidates(device: Device, artifact_files: dict) -> list[tuple[str, str]]:
 
 
 def time_call(predictor, inputs: tuple[np.ndarray, ...], repeat: int) -> float:
-    predictor(*inputs)  # warm-up (allocations, kernel selection)
-    timings = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        predictor(*inputs)
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings) * 1000
+    return median_ms({"call": lambda: predictor(*inputs)}, repeat)["call"]
 
 
 def measure(
