@@ -235,7 +235,7 @@ def test_the_image_runs_as_a_non_root_user_without_build_tools(served):
 
 
 def test_the_image_holds_the_three_models_of_the_bento(served):
-    from service.model_store import served_tags
+    from models.served import served_tags
 
     tags = served_tags()
     assert len(tags) == 3
