@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from tqdm import tqdm
 
+from models.artifacts import REPORT_FILE
 from models.digits import DigitClassifier, DigitClassifierConfig
 from models.preprocessing import (
     MNIST_MEAN,
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory() as scratch:
         report = reports.save_report(
-            Path(scratch) / "report.png",
+            Path(scratch) / REPORT_FILE,
             title,
             history,
             [lambda ax: reports.draw_confusion_matrix(ax, test["confusion"], DIGIT_LABELS)],
@@ -396,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             module=model.cpu(),
             config=model.config,
             metadata=metadata,
-            extra_files={"report.png": report},
+            extra_files={REPORT_FILE: report},
         )
     log.info("wrote %s", destination)
     return 0
