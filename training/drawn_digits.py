@@ -232,7 +232,7 @@ def measure(
     return {
         "images": len(digits),
         "seed": seed,
-        "model": classifier.artifact.metadata.get("evaluation", {}),
+        "weights_sha256": classifier.artifact.metadata["files"]["weights.pt"],
         "mnist_test_accuracy": round(mnist_correct / len(digits), 4),
         "drawn_accuracy": round(float(correct_array.mean()), 4),
         "drawn_errors": int((~correct_array).sum()),

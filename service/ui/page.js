@@ -28,6 +28,28 @@ async function api(path, init) {
   throw new ApiError(`${message} (HTTP ${response.status})`);
 }
 
+const byId = (id) => document.getElementById(id);
+
+const postJson = (path, body, signal) =>
+  api(path, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+    signal,
+  });
+
+// One request in flight per panel: each call aborts the previous one and gives a new signal.
+function latestOnly() {
+  let current = null;
+  const next = () => {
+    if (current) current.abort();
+    current = new AbortController();
+    return current.signal;
+  };
+  next.cancel = () => current && current.abort();
+  return next;
+}
+
 function showError(element, error) {
   if (error && error.name === "AbortError") return;
   element.textContent = error instanceof ApiError ? error.message : `Something went wrong: ${error}`;
@@ -52,15 +74,15 @@ const percent = (p) => `${(100 * p).toFixed(1)} %`;
 // --- Classify -------------------------------------------------------------------------
 
 function setUpClassify() {
-  const pad = document.getElementById("pad");
+  const pad = byId("pad");
   const ctx = pad.getContext("2d");
-  const zone = document.getElementById("drop-zone");
-  const upload = document.getElementById("upload");
-  const digitOut = document.getElementById("digit");
-  const confidenceOut = document.getElementById("confidence");
-  const seen = document.getElementById("model-input");
-  const errorBox = document.getElementById("classify-error");
-  const bars = document.getElementById("probabilities");
+  const zone = byId("drop-zone");
+  const upload = byId("upload");
+  const digitOut = byId("digit");
+  const confidenceOut = byId("confidence");
+  const seen = byId("model-input");
+  const errorBox = byId("classify-error");
+  const bars = byId("probabilities");
   const brush = pad.width / 14; // a finger-sized stroke, about a seventh of a digit's height
 
   const rows = [];
@@ -75,7 +97,7 @@ function setUpClassify() {
   let inked = false;
   let showingUpload = false; // the pad shows an uploaded image, not a drawing
   let seenUrl = null;
-  let current = null; // the AbortController of the request in flight
+  const nextRequest = latestOnly();
 
   function blank() {
     ctx.fillStyle = "#fff";
@@ -117,9 +139,7 @@ function setUpClassify() {
 
   // Sends one image (a Blob or File) to /classify and /classify_input together.
   async function classify(image) {
-    if (current) current.abort();
-    current = new AbortController();
-    const { signal } = current;
+    const signal = nextRequest();
     const form = () => {
       const data = new FormData();
       data.append("image", image, image.name || "drawing.png");
@@ -229,13 +249,13 @@ function setUpClassify() {
   });
 
   function clear() {
-    if (current) current.abort();
+    nextRequest.cancel();
     blank();
     resetResult();
     clearError(errorBox);
     pen.down = false;
   }
-  document.getElementById("clear").addEventListener("click", clear);
+  byId("clear").addEventListener("click", clear);
 
   // Uploads and drops: show the image on the pad, send the file itself.
   async function useFile(file) {
@@ -280,12 +300,12 @@ function setUpClassify() {
 // --- Sentiment ------------------------------------------------------------------------
 
 function setUpSentiment() {
-  const review = document.getElementById("review");
-  const labelOut = document.getElementById("sentiment-label");
-  const scoreOut = document.getElementById("sentiment-score");
-  const bar = document.getElementById("sentiment-bar");
-  const errorBox = document.getElementById("sentiment-error");
-  let current = null;
+  const review = byId("review");
+  const labelOut = byId("sentiment-label");
+  const scoreOut = byId("sentiment-score");
+  const bar = byId("sentiment-bar");
+  const errorBox = byId("sentiment-error");
+  const nextRequest = latestOnly();
 
   function show(label, score) {
     labelOut.textContent = label;
@@ -296,16 +316,9 @@ function setUpSentiment() {
   }
 
   async function score() {
-    if (current) current.abort();
-    current = new AbortController();
-    const { signal } = current;
+    const signal = nextRequest();
     try {
-      const answer = await api("sentiment", {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ text: review.value }),
-        signal,
-      });
+      const answer = await postJson("sentiment", { text: review.value }, signal);
       const result = await answer.json();
       if (signal.aborted) return;
       clearError(errorBox);
@@ -329,16 +342,16 @@ function setUpSentiment() {
 // --- Generate -------------------------------------------------------------------------
 
 function setUpGenerate() {
-  const form = document.getElementById("generate-form");
-  const digitIn = document.getElementById("gen-digit");
-  const countIn = document.getElementById("gen-n");
-  const seedIn = document.getElementById("gen-seed");
-  const grid = document.getElementById("gen-grid");
-  const note = document.getElementById("gen-note");
-  const download = document.getElementById("gen-download");
-  const errorBox = document.getElementById("generate-error");
+  const form = byId("generate-form");
+  const digitIn = byId("gen-digit");
+  const countIn = byId("gen-n");
+  const seedIn = byId("gen-seed");
+  const grid = byId("gen-grid");
+  const note = byId("gen-note");
+  const download = byId("gen-download");
+  const errorBox = byId("generate-error");
   let downloadUrl = null;
-  let current = null;
+  const nextRequest = latestOnly();
   form.noValidate = true; // the service validates, and the page shows its message
 
   // The choices live in the URL, so that a result can be shared.
@@ -357,17 +370,12 @@ function setUpGenerate() {
     const request = choices();
     const query = new URLSearchParams({ digit: digitIn.value, n: countIn.value, seed: seedIn.value });
     history.replaceState(null, "", `?${query}${window.location.hash}`);
-    if (current) current.abort();
-    current = new AbortController();
-    const { signal } = current;
-    const post = (body) => api("generate", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(body),
-      signal,
-    });
+    const signal = nextRequest();
     try {
-      const [answer, gridPng] = await Promise.all([post(request), post({ ...request, grid: true })]);
+      const [answer, gridPng] = await Promise.all([
+        postJson("generate", request, signal),
+        postJson("generate", { ...request, grid: true }, signal),
+      ]);
       const result = await answer.json();
       const png = await gridPng.blob();
       if (signal.aborted) return;
@@ -400,7 +408,7 @@ function setUpGenerate() {
     run();
   });
   digitIn.addEventListener("change", run);
-  document.getElementById("gen-new-seed").addEventListener("click", () => {
+  byId("gen-new-seed").addEventListener("click", () => {
     const [value] = crypto.getRandomValues(new Uint32Array(1));
     seedIn.value = String(value);
     run();
