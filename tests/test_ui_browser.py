@@ -139,7 +139,9 @@ def console_problems(driver: Any, allowed_statuses: tuple[int, ...] = ()) -> lis
 
 
 def save_panel(driver: Any, screenshots: Path, panel: str, name: str) -> None:
-    driver.find_element("id", panel).screenshot(str(screenshots / f"{name}.png"))
+    element = driver.find_element("id", panel)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", element)
+    element.screenshot(str(screenshots / f"{name}.png"))
 
 
 def probabilities(driver: Any) -> list[float]:
