@@ -175,14 +175,16 @@ def check_classified(driver: Any, digit: int) -> None:
     assert seen == [28, 28]
 
 
-def trace(driver: Any, strokes: tuple, steps: int = 8) -> None:
-    """Trace strokes on the pad with pointer events (press, moves, release per stroke)."""
+def trace(driver: Any, strokes: tuple, steps: int = 8, kind: str = "mouse") -> None:
+    """Trace strokes on the pad with pointer events (press, moves, release per stroke),
+    from a mouse, a pen or a finger (``kind``)."""
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.actions.pointer_input import PointerInput
 
     pad = driver.find_element("id", "pad")
     scale = pad.size["width"] / 280  # canvas pixels → CSS pixels
     left, top = pad.location["x"], pad.location["y"]
-    actions = ActionBuilder(driver, duration=10)
+    actions = ActionBuilder(driver, mouse=PointerInput(kind, kind), duration=10)
     for stroke in strokes:
         points = [np.asarray(point, dtype=float) for point in stroke]
         path = [points[0]]
@@ -212,6 +214,18 @@ def test_a_drawn_seven_is_classified_as_seven(page, screenshots):
     wait_for(lambda: text_of(page, "#digit") == "–")
     values = page.find_elements("css selector", "#probabilities .value")
     assert [value.text for value in values] == ["–"] * 10
+    assert console_problems(page) == []
+
+
+@pytest.mark.parametrize("kind", ["touch", "pen"])
+def test_a_seven_drawn_with_a_finger_or_a_pen_is_classified_as_seven(page, kind):
+    page.execute_script(
+        "window.seenPointers = new Set();"
+        "byId('pad').addEventListener('pointerdown', (e) => seenPointers.add(e.pointerType));"
+    )
+    trace(page, SEVEN_STROKES, kind=kind)
+    check_classified(page, 7)
+    assert page.execute_script("return [...seenPointers]") == [kind]
     assert console_problems(page) == []
 
 
