@@ -172,7 +172,7 @@ def train(
     buffers are broadcast from rank 0 at its forward. The generator step runs D
     under ``no_sync``: those D gradients are thrown away, so averaging them
     would be wasted traffic."""
-    train_set, _ = mnist_train_validation(args.data_dir, augment=False, seed=config.seed)
+    train_set, _ = mnist_train_validation(args.data_dir, seed=config.seed)
     real = mnist_pixels(train_set) * 2 - 1  # the generator's tanh range
     real_labels = torch.as_tensor(train_set.dataset.targets[torch.as_tensor(train_set.indices)])
 
@@ -307,7 +307,7 @@ def select_epoch(
 ) -> tuple[Generator, dict[str, Any]]:
     """Score every epoch's generator against the validation images; keep the lowest
     Fréchet distance. Adds the validation curves to ``history``."""
-    _, validation_set = mnist_train_validation(args.data_dir, augment=False, seed=config.seed)
+    _, validation_set = mnist_train_validation(args.data_dir, seed=config.seed)
     validation_features = gan_metrics.classifier_features(
         classifier,
         mnist_pixels(validation_set, SMOKE_REAL_IMAGES if config.smoke else None),
@@ -352,7 +352,7 @@ def evaluate(
     test_features = gan_metrics.classifier_features(
         classifier, test_pixels(data_dir, real_count), device
     )
-    train_set, _ = mnist_train_validation(data_dir, augment=False, seed=config.seed)
+    train_set, _ = mnist_train_validation(data_dir, seed=config.seed)
     train_features = gan_metrics.classifier_features(
         classifier, mnist_pixels(train_set, real_count), device
     )

@@ -217,16 +217,15 @@ def service_preprocessed_test_batches(data_dir: Path, limit: int | None):
 
 
 def train(config: TrainConfig, args: argparse.Namespace, device: torch.device):
-    train_set, validation_set = mnist_train_validation(
-        args.data_dir, augment=True, seed=config.seed
-    )
-    # Only the training subset wraps this dataset object (see mnist_train_validation).
-    train_set.dataset.transform = transforms.Compose(
+    augmented = transforms.Compose(
         [
             CanvasStrokes(config.canvas_fraction),
             ServicePreprocessing(config.service_fraction),
             mnist_transform(augment=True),
         ]
+    )
+    train_set, validation_set = mnist_train_validation(
+        args.data_dir, train_transform=augmented, seed=config.seed
     )
     eval_limit = SMOKE_EVAL_IMAGES if config.smoke else None
     validation_loader = _evaluation_loader(validation_set, eval_limit)
