@@ -141,6 +141,7 @@ def console_problems(driver: Any, allowed_statuses: tuple[int, ...] = ()) -> lis
 def save_panel(driver: Any, screenshots: Path, panel: str, name: str) -> None:
     element = driver.find_element("id", panel)
     driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", element)
+    time.sleep(0.4)  # the bars' width transitions (0.2 s) end before the picture is taken
     element.screenshot(str(screenshots / f"{name}.png"))
 
 
