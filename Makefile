@@ -9,7 +9,11 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PORT ?= 3000
 
-.PHONY: setup test serve register lint format bench bench-gpu bench-peers clean container container-test
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
+
+.PHONY: setup test browser serve register lint format bench bench-gpu bench-peers clean \
+	container container-test
 
 setup: $(INSTALLED)
 
@@ -19,8 +23,22 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-test: $(INSTALLED)
+test: $(INSTALLED) browser
 	$(BIN)/pytest
+
+# Debian's Chromium and its driver, for the web page's browser tests
+# (tests/test_ui_browser.py). Installing needs root; without it the browser
+# tests skip and say so.
+browser:
+	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+		echo "Chromium is missing and installing it needs root" \
+			"(apt-get install chromium chromium-driver): the browser tests will skip."; \
+	fi
 
 serve: $(INSTALLED)
 	$(BIN)/python -m training.register

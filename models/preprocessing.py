@@ -5,8 +5,9 @@
   and centred by its centre of mass in a 28×28 frame, as MNIST was made).
 * ``digit_pixels_from_images``: the same for many images at once, with the
   same result, several times cheaper per image (the service's path).
-* ``normalize_digits`` / ``digits_from_generator_output``: the pixel
-  conventions that link the data set, the classifier and the generator.
+* ``normalize_digits`` / ``pixels_from_normalized`` /
+  ``digits_from_generator_output``: the pixel conventions that link the data
+  set, the classifier and the generator.
 * ``encode_text_arrays`` / ``encode_texts``: tokenised texts → padded ids +
   lengths, as arrays (the service) or tensors (training).
 * ``latent_arrays`` / ``latent_batch``: reproducible latent vectors and labels
@@ -47,6 +48,12 @@ def normalize_digits(pixels: ArrayT) -> ArrayT:
     """Pixels in ``[0, 1]`` (white ink on black) → the classifier's input scale (a tensor
     or an array)."""
     return (pixels - MNIST_MEAN) / MNIST_STD
+
+
+def pixels_from_normalized(digits: np.ndarray) -> np.ndarray:
+    """The classifier's input scale → uint8 pixels (0..255), to show what it was given."""
+    pixels = np.clip(np.asarray(digits, dtype=np.float32) * MNIST_STD + MNIST_MEAN, 0, 1)
+    return np.round(pixels * 255).astype(np.uint8)
 
 
 def digits_from_generator_output(images: ArrayT) -> ArrayT:

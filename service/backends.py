@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models.artifacts import ONNX_FILES, Artifact
+from models.devices import DeviceError, choose_device
 from models.onnx_session import ProviderUnavailable, open_session
 from models.registry import ModelSpec
 
@@ -191,17 +192,12 @@ def cuda_visible(names: list[str], visible: str | None) -> list[str]:
 
 
 def resolve_device(requested: str) -> Device:
-    """``auto`` → the first GPU when there is one, else the CPU; a GPU must exist if asked."""
-    gpus = visible_gpus() if requested != "cpu" else []
-    if requested == "auto":
-        return Device("cuda", 0) if gpus else Device("cpu")
-    device = Device.parse(requested)
-    if device.type == "cuda" and (device.index or 0) >= len(gpus):
-        raise BackendError(
-            f"device {requested!r} was requested but the NVIDIA driver reports "
-            f"{len(gpus)} usable GPU(s)"
-        )
-    return device
+    """``auto`` → the first GPU the driver reports, else the CPU; a named GPU must exist."""
+    gpus = visible_gpus() if requested.strip().lower() != "cpu" else []
+    try:
+        return Device.parse(choose_device(requested, len(gpus)))
+    except DeviceError as error:
+        raise BackendError(str(error)) from None
 
 
 def device_name(device: Device) -> str:

@@ -11,6 +11,9 @@ Endpoints (all POST; the OpenAPI page at / documents each with examples):
     /sentiment        {"text": "..."}                            → label, P(positive)
     /sentiment_batch  {"texts": ["...", ...]}                    → one result per text, in order
     /generate         {"n": 8, "digit": 7, "seed": 1}            → PNGs (base64 JSON, or one grid)
+    /classify_input   one image, as /classify                    → the 28×28 PNG the classifier sees
+
+The web page at /ui (``service.webpage``) is built on these routes.
 
 ``/classify`` also takes the image as the whole body (``Content-Type: image/png``,
 ``image/jpeg``, ...).
@@ -39,6 +42,7 @@ import numpy as np
 from PIL import Image
 from starlette.responses import Response
 
+from models.preprocessing import pixels_from_normalized
 from models.registry import get_spec
 from models.tokenizer import Vocabulary
 from service.backends import (
@@ -95,6 +99,7 @@ from service.settings import (
     resolve_backend,
     resolve_precision,
 )
+from service.webpage import PAGE_PATH, page_app
 
 log = logging.getLogger("service")
 
@@ -113,6 +118,8 @@ ROUTES = {
     "/sentiment": (JSON,),
     "/sentiment_batch": (JSON,),
     "/generate": (JSON,),
+    # For the web page: the image the classifier is given, after preprocessing.
+    "/classify_input": (MULTIPART, *IMAGE_TYPES),
 }
 BATCHER_ROUTES = {
     "classify": ("/classify", "/classify_batch"),
@@ -127,6 +134,7 @@ INLINE_DECODE_PIXELS = 1_000_000
 EXTRA_FORM_PARTS = 16
 
 
+@bentoml.asgi_app(page_app(), path=PAGE_PATH)
 @bentoml.service(
     name="digit-sentiment-serving",
     workers=SETTINGS.workers,
@@ -140,6 +148,9 @@ class ServingService:
     Three PyTorch models (an MNIST CNN, an SST-2 BiLSTM and a conditional DCGAN),
     served with adaptive batching on the GPU or the CPU. Bad input gets a 4xx
     with a JSON body ``{"error": "...", "detail": [{"type", "loc", "msg"}]}``.
+
+    **[Try the models in your browser at /ui](/ui/)**: draw a digit, type a review,
+    generate digits.
     """
 
     classify_model = bentoml.models.BentoModel(TAGS["classify"])
@@ -285,7 +296,10 @@ class ServingService:
 
     def refusal(self, path: str) -> Reply | None:
         """A 503 for ``path`` while its queue has no room, before anything is read."""
-        batcher = self.batchers[ROUTE_ENDPOINTS[path]]
+        endpoint = ROUTE_ENDPOINTS.get(path)
+        if endpoint is None:  # /classify_input: no queue
+            return None
+        batcher = self.batchers[endpoint]
         if not batcher.is_full:
             return None
         return Reply.error(
@@ -295,12 +309,14 @@ class ServingService:
     async def handle(self, path: str, media_type: str, content_type: str, body: bytes) -> Reply:
         """Answer one request to an API route; the gate has checked method, type and size."""
         try:
-            if path == "/classify":
+            if path in ("/classify", "/classify_input"):
                 if media_type == MULTIPART:
                     parts = parse_form(body, content_type, max_parts=self.max_form_parts)
                     files = form_files(parts, "image")
                 else:  # a raw image body
                     files = [(body, ("image",))]
+                if path == "/classify_input":
+                    return await self._classifier_input(files)
                 [result] = await self._classify(files)
                 return Reply.json(result)
             if path == "/classify_batch":
@@ -336,6 +352,7 @@ class ServingService:
         PNG, JPEG, GIF, BMP or WebP; any size and mode; dark-on-light or light-on-dark.
         The image may also be the whole body: `curl --data-binary @seven.png
         -H 'Content-Type: image/png' localhost:3000/classify`.
+        Or draw a digit on **[the web page at /ui](/ui/)**.
         """
         try:
             [result] = await self._classify_images([image], [("image",)])
@@ -469,6 +486,15 @@ class ServingService:
         finally:
             for _, future in pending:
                 future.cancel()
+
+    async def _classifier_input(self, files: Sequence[tuple[bytes, Location]]) -> Reply:
+        """The 28×28 grayscale PNG the classifier is given for one image (the web page
+        shows it, so that preprocessing is visible); decoded as /classify decodes."""
+        [image] = identify_images(files, max_pixels=self.limits.max_image_pixels)
+        [row] = await asyncio.to_thread(self.classification.decode_and_prepare, [image])
+        if isinstance(row, ImageError):
+            raise RequestError([Problem(row.type, row.message, files[0][1])])
+        return Reply(200, encode_png(pixels_from_normalized(row[0])), PNG)
 
     async def _score(self, texts: Sequence[str], locations: Sequence[Location]) -> list[dict]:
         rows, problems = [], []

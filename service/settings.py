@@ -72,6 +72,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from models.devices import DEVICE_NAMES, DeviceError, valid_device_name
 from models.registry import REGISTRY
 
 PREFIX = "SERVING_"
@@ -335,10 +336,10 @@ def resolve_precision(model: ModelSettings, backend: str, device_type: str) -> s
 
 
 def _device(value: str) -> str:
-    value = value.strip().lower()
-    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
-        return value
-    raise SettingsError(f"{PREFIX}DEVICE={value!r}: expected auto, cpu, cuda or cuda:N")
+    try:
+        return valid_device_name(value)
+    except DeviceError:
+        raise SettingsError(f"{PREFIX}DEVICE={value!r}: expected {DEVICE_NAMES}") from None
 
 
 class _Env:

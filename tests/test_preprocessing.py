@@ -18,6 +18,7 @@ from models.preprocessing import (
     latent_arrays,
     latent_batch,
     normalize_digits,
+    pixels_from_normalized,
 )
 from models.tokenizer import PAD_ID
 
@@ -118,6 +119,14 @@ def test_generator_pixels_round_trip_to_classifier_scale() -> None:
     pixels = digits_from_generator_output(images)
     torch.testing.assert_close(pixels, torch.tensor([0.0, 0.5, 1.0, 1.0]))
     torch.testing.assert_close(normalize_digits(pixels)[0], torch.tensor(-MNIST_MEAN / MNIST_STD))
+
+
+def test_normalized_input_maps_back_to_the_pixels_it_came_from(reference: np.ndarray) -> None:
+    pixels = digit_pixels_from_image(Image.fromarray(reference))
+    shown = pixels_from_normalized(normalize_digits(pixels))
+    assert shown.dtype == np.uint8 and shown.shape == (28, 28)
+    assert np.abs(shown.astype(np.float32) / 255 - pixels).max() <= 0.5 / 255 + 1e-6
+    assert pixels_from_normalized(np.array([-10.0, 10.0])).tolist() == [0, 255]
 
 
 def test_encode_texts_pads_and_records_lengths() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -82,3 +83,14 @@ def test_the_built_bento_answers_every_endpoint(bento_tag, serve, mnist_test_dig
     assert image.size == (28, 28)
     status, error = server.post_json("/generate", {"n": 65})
     assert status == 400 and error["detail"][0]["loc"] == ["n"]
+
+    # The web page travels with the bento, and the bento's OpenAPI page links to it.
+    for path, kind in (
+        ("/ui/", "text/html"),
+        ("/ui/page.js", "javascript"),
+        ("/ui/page.css", "css"),
+    ):
+        status, headers, _ = server.request(path)
+        assert status == 200 and kind in headers["content-type"], path
+    status, _, body = server.request("/docs.json")
+    assert "](/ui/)" in json.loads(body)["info"]["description"]

@@ -16,6 +16,7 @@ import http.client
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -123,6 +124,39 @@ def test_health_metrics_and_openapi(server):
     assert 'serving_model_seconds_sum{endpoint="classify"}' in text
     for route in ("/classify", "/sentiment", "/generate"):
         assert f'endpoint="{route}"' in text, route  # BentoML's per-endpoint request metrics
+
+
+def test_the_web_page_is_served_and_linked_from_the_openapi_page(server):
+    status, headers, _ = server.request("/ui")  # urllib follows the redirect to /ui/
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    status, _, page = server.request("/ui/")
+    for asset in re.findall(rb'(?:src|href)="([a-z]+\.(?:js|css))"', page):
+        assert server.request("/ui/" + asset.decode())[0] == 200, asset
+    assert server.request("/ui/missing.js")[0] == 404
+    spec = json.loads(server.request("/docs.json")[2])
+    assert "](/ui/)" in spec["paths"]["/classify"]["post"]["description"]
+
+
+def test_classify_input_is_the_preprocessed_image_the_classifier_sees(server, mnist_test_digits):
+    from models.preprocessing import digit_pixels_from_image
+
+    images, _ = mnist_test_digits
+    # Off-centre and dark on light, as a drawing is: the answer is the centred MNIST view.
+    canvas = np.full((200, 160), 255, dtype=np.uint8)
+    canvas[10:66, 90:146] = 255 - np.asarray(Image.fromarray(images[0]).resize((56, 56)))
+    expected = np.round(digit_pixels_from_image(Image.fromarray(canvas)) * 255).astype(np.uint8)
+    form, form_type = multipart([("image", "drawing.png", encode(canvas, "PNG"), "image/png")])
+    for data, content_type in ((form, form_type), (encode(canvas, "PNG"), "image/png")):
+        status, _, body = server.request(
+            "/classify_input", data=data, headers={"Content-Type": content_type}
+        )
+        assert status == 200
+        seen = np.asarray(Image.open(io.BytesIO(body)))
+        assert seen.shape == (28, 28)
+        assert np.abs(seen.astype(int) - expected).max() <= 1
+    status, error = post_files(server, "/classify_input", "image", [b"not an image"])
+    assert status == 400 and error["detail"][0]["type"] == "invalid_image"
+    assert server.request("/classify_input")[0] == 405
 
 
 def test_a_second_service_on_the_host_leaves_the_first_ones_metrics_alone(

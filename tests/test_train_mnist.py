@@ -96,6 +96,17 @@ def test_service_preprocessing_transform_follows_its_fraction():
     assert np.abs(np.asarray(converted) / 255 - expected).max() <= 0.5 / 255 + 1e-6
 
 
+def test_canvas_stroke_transform_follows_its_fraction():
+    image = mnist_test_set(DATA_DIR)[0][0]
+    assert mnist.CanvasStrokes(0.0)(image) is image
+    random.seed(0)
+    drawn = [mnist.CanvasStrokes(1.0)(image) for _ in range(4)]
+    assert all(d.mode == "L" and d.size == (28, 28) for d in drawn)
+    # A redrawing, not a copy, and a different pen each time.
+    assert all(not np.array_equal(np.asarray(d), np.asarray(image)) for d in drawn)
+    assert len({np.asarray(d).tobytes() for d in drawn}) == 4
+
+
 # --- the committed artifact -------------------------------------------------------------
 
 

@@ -16,15 +16,16 @@ import numpy as np
 import torch
 
 from models.artifacts import staged_artifact, write_model_files
+from models.devices import choose_device
 from models.registry import REGISTRY, ModelSpec, artifacts_root
 from training import distributed
 from training.sources import default_data_dir
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    """``auto`` → the first GPU torch can use, else the CPU (``models.devices``)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.device(choose_device(requested, gpus))
 
 
 def seed_everything(seed: int) -> None:

@@ -7,8 +7,10 @@ file layout); nothing here is downloaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -35,15 +37,20 @@ def mnist_test_set(data_dir: Path, transform=None) -> Dataset:
 
 
 def mnist_train_validation(
-    data_dir: Path, *, augment: bool, seed: int = 0, validation_size: int = MNIST_VALIDATION_SIZE
+    data_dir: Path,
+    *,
+    train_transform: Callable[[Any], Any] | None = None,
+    seed: int = 0,
+    validation_size: int = MNIST_VALIDATION_SIZE,
 ) -> tuple[Subset, Subset]:
     """Split the 60,000 training images into train/validation with a fixed permutation.
 
-    The two subsets wrap separate dataset objects so that only the training part
-    is augmented.
+    The two subsets wrap separate dataset objects, so that ``train_transform`` (for
+    augmentation; default the plain ``mnist_transform()``) applies to the training
+    part only.
     """
     train_full = datasets.MNIST(
-        str(data_dir), train=True, download=False, transform=mnist_transform(augment)
+        str(data_dir), train=True, download=False, transform=train_transform or mnist_transform()
     )
     plain_full = datasets.MNIST(
         str(data_dir), train=True, download=False, transform=mnist_transform(False)

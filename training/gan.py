@@ -21,7 +21,6 @@ digit against the 10,000 test images, next to the real-train-vs-test floor.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import tempfile
 import time
@@ -32,10 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from models.artifacts import staged_artifact, update_metadata
+from models.artifacts import REPORT_FILE, WEIGHTS_FILE, staged_artifact, update_metadata
 from models.digits import DigitClassifier
 from models.gan import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
 from models.registry import (
@@ -172,7 +172,7 @@ def train(
     buffers are broadcast from rank 0 at its forward. The generator step runs D
     under ``no_sync``: those D gradients are thrown away, so averaging them
     would be wasted traffic."""
-    train_set, _ = mnist_train_validation(args.data_dir, augment=False, seed=config.seed)
+    train_set, _ = mnist_train_validation(args.data_dir, seed=config.seed)
     real = mnist_pixels(train_set) * 2 - 1  # the generator's tanh range
     real_labels = torch.as_tensor(train_set.dataset.targets[torch.as_tensor(train_set.indices)])
 
@@ -181,9 +181,12 @@ def train(
     discriminator_network = Discriminator(DiscriminatorConfig()).to(device)
     generator = distributed.wrap(generator_network, context, device)
     discriminator = distributed.wrap(discriminator_network, context, device)
-    average = copy.deepcopy(generator_network).eval()
-    for parameter in average.parameters():
-        parameter.requires_grad_(False)
+    # The moving average of the generator's weights, starting from its initial ones
+    # (the first update of an AveragedModel copies).
+    average = AveragedModel(
+        generator_network, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)
+    ).eval()
+    average.update_parameters(generator_network)
     optimizer_g = torch.optim.Adam(
         generator.parameters(), lr=config.learning_rate, betas=config.betas
     )
@@ -253,11 +256,7 @@ def train(
             optimizer_g.zero_grad(set_to_none=True)
             loss_g.backward()
             optimizer_g.step()
-            with torch.no_grad():
-                for kept, current in zip(
-                    average.parameters(), generator_network.parameters(), strict=True
-                ):
-                    kept.lerp_(current, 1 - config.ema_decay)
+            average.update_parameters(generator_network)
 
             sums["d"] += loss_d.item()
             sums["g"] += loss_g.item()
@@ -274,9 +273,11 @@ def train(
         history["generator_loss"].append(sums["g"] / steps)
         log.info("epoch %d: D loss %.4f G loss %.4f", epoch, sums["d"] / steps, sums["g"] / steps)
         gan_metrics.recalibrate_batch_norm(
-            average, device, batches=2 if config.smoke else 40, seed=config.seed
+            average.module, device, batches=2 if config.smoke else 40, seed=config.seed
         )
-        snapshots.append({k: v.detach().cpu().clone() for k, v in average.state_dict().items()})
+        snapshots.append(
+            {k: v.detach().cpu().clone() for k, v in average.module.state_dict().items()}
+        )
         distributed.save_checkpoint(
             args.checkpoint_dir,
             {
@@ -306,7 +307,7 @@ def select_epoch(
 ) -> tuple[Generator, dict[str, Any]]:
     """Score every epoch's generator against the validation images; keep the lowest
     Fréchet distance. Adds the validation curves to ``history``."""
-    _, validation_set = mnist_train_validation(args.data_dir, augment=False, seed=config.seed)
+    _, validation_set = mnist_train_validation(args.data_dir, seed=config.seed)
     validation_features = gan_metrics.classifier_features(
         classifier,
         mnist_pixels(validation_set, SMOKE_REAL_IMAGES if config.smoke else None),
@@ -351,7 +352,7 @@ def evaluate(
     test_features = gan_metrics.classifier_features(
         classifier, test_pixels(data_dir, real_count), device
     )
-    train_set, _ = mnist_train_validation(data_dir, augment=False, seed=config.seed)
+    train_set, _ = mnist_train_validation(data_dir, seed=config.seed)
     train_features = gan_metrics.classifier_features(
         classifier, mnist_pixels(train_set, real_count), device
     )
@@ -413,7 +414,7 @@ def evaluate_saved(
     with staged_artifact(destination) as staging:
         update_metadata(staging, metrics=metrics)
         write_report(
-            staging / "report.png",
+            staging / REPORT_FILE,
             generator,
             artifact.metadata.get("history", {}),
             metrics,
@@ -468,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluation_classifier": {
             "name": MNIST_CLASSIFIER,
             "test_accuracy": classifier_metadata.get("metrics", {}).get("test_accuracy"),
-            "weights_sha256": classifier_metadata["files"]["weights.pt"],
+            "weights_sha256": classifier_metadata["files"][WEIGHTS_FILE],
         },
         "training": {
             **run_provenance(device, argv),
@@ -497,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory() as scratch:
         report = write_report(
-            Path(scratch) / "report.png", generator, history, metrics, device, config.smoke
+            Path(scratch) / REPORT_FILE, generator, history, metrics, device, config.smoke
         )
         destination = save_trained_model(
             get_spec(DIGIT_GENERATOR),
@@ -505,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             module=generator.cpu(),
             config=generator.config,
             metadata=metadata,
-            extra_files={"report.png": report},
+            extra_files={REPORT_FILE: report},
         )
     log.info("wrote %s", destination)
     return 0

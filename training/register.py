@@ -82,7 +82,18 @@ def store_metadata(spec: ModelSpec, artifact: Artifact) -> dict[str, Any]:
     variants = {
         precision: {
             key: result[key]
-            for key in ("file", "bytes", "accuracy", "accuracy_drop_pp", "kept", "latency_ms")
+            for key in (
+                "file",
+                "bytes",
+                "size_ratio",
+                "accuracy",
+                "accuracy_drop_pp",
+                "kept",
+                "reason",
+                "target_device",
+                "latency_ms",
+                "speedup_on_target",
+            )
             if key in result
         }
         for precision, result in metadata.get("variants", {}).items()

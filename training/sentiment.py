@@ -28,7 +28,6 @@ budget allows; only the student, at the size given here, is saved.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import math
 import random
@@ -41,11 +40,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from models.artifacts import VOCAB_FILE, config_to_dict
+from models.artifacts import REPORT_FILE, VOCAB_FILE, config_to_dict
 from models.preprocessing import encode_texts
-from models.registry import SENTIMENT_CLASSIFIER, get_spec
+from models.registry import SENTIMENT_CLASSIFIER, get_spec, store_version
 from models.sentiment import SentimentClassifier, SentimentClassifierConfig
 from models.tokenizer import UNK_ID, Vocabulary
 from training import distributed
@@ -186,8 +186,11 @@ class Teacher:
     metadata: dict[str, Any]
 
     def summary(self) -> dict[str, Any]:
+        """What identifies the teacher after its directory is gone: its content (the
+        store version and the sha256 of every file), how it was made and how it scored."""
         return {
-            "directory": str(self.directory),
+            "version": store_version(self.metadata),
+            "sha256": self.metadata["files"],
             "config": config_to_dict(self.module.config),
             "vocab_min_count": self.metadata.get("vocab_min_count"),
             "dev_accuracy": self.metadata["metrics"]["dev_accuracy"],
@@ -260,27 +263,21 @@ def distillation_loss(
     return divergence * temperature**2
 
 
-class WeightAverage:
-    """Exponential moving average of a module's parameters, kept in a copy of the module."""
+def weight_average(module: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``module``'s weights (and buffers), starting from
+    its current ones.
 
-    def __init__(self, module: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.module = copy.deepcopy(module).eval()
-        self.updates = 0
+    Early on the average would be dominated by the random initialisation, so the
+    decay warms up: after ``t`` updates it is ``min(decay, (1 + t) / (10 + t))``.
+    """
 
-    @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        self.updates += 1
-        # Early on the average would be dominated by the random initialisation;
-        # the usual warm-up of the decay avoids that.
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for averaged, current in zip(
-            self.module.state_dict().values(), module.state_dict().values(), strict=True
-        ):
-            if averaged.dtype.is_floating_point:
-                averaged.lerp_(current, 1 - decay)
-            else:
-                averaged.copy_(current)
+    def warmed_up(averaged: torch.Tensor, current: torch.Tensor, count: torch.Tensor):
+        updates = int(count)  # the initial copy counts as one
+        return averaged.lerp(current, 1 - min(decay, (1 + updates) / (10 + updates)))
+
+    average = AveragedModel(module, avg_fn=warmed_up, use_buffers=True).eval()
+    average.update_parameters(module)  # the first update copies
+    return average
 
 
 def learning_rate_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -314,7 +311,7 @@ def train_one_seed(
     context = distributed.current()
     network = SentimentClassifier(model_config).to(device)
     model = distributed.wrap(network, context, device)
-    average = WeightAverage(network, config.ema_decay)
+    average = weight_average(network, config.ema_decay)
     # Weight decay on matrices only: biases and the embedding's padding row stay untouched.
     decayed = [p for name, p in model.named_parameters() if p.dim() > 1]
     plain = [p for name, p in model.named_parameters() if p.dim() <= 1]
@@ -349,8 +346,7 @@ def train_one_seed(
     resumed = resume_from(args, settings, checkpoint_name) if args else None
     if resumed:
         network.load_state_dict(resumed["model"])
-        average.module.load_state_dict(resumed["average"])
-        average.updates = resumed["average_updates"]
+        average.load_state_dict(resumed["average"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         version, internal, gauss = resumed["batch_order"]
@@ -397,7 +393,7 @@ def train_one_seed(
             nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
             optimizer.step()
             scheduler.step()
-            average.update(network)
+            average.update_parameters(network)
             loss_sum += loss.item() * len(indices)
             correct += (logits.argmax(dim=1) == labels).sum().item()
             seen += len(indices)
@@ -435,8 +431,7 @@ def train_one_seed(
                 "settings": settings,
                 "epoch": epoch,
                 "model": network.state_dict(),
-                "average": average.module.state_dict(),
-                "average_updates": average.updates,
+                "average": average.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "batch_order": batch_order.getstate(),
@@ -629,9 +624,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Vocabulary.encode with the stem / compound-part fallback for unknown words",
     }
     with tempfile.TemporaryDirectory() as scratch:
-        vocab_path = Path(scratch) / "vocab.json"
+        vocab_path = Path(scratch) / VOCAB_FILE
         vocabulary.save(vocab_path)
-        report_path = Path(scratch) / "report.png"
+        report_path = Path(scratch) / REPORT_FILE
         write_report(history, report_path, selection)
         destination = save_trained_model(
             spec,
@@ -639,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             module=model,
             config=model_config,
             metadata=metadata,
-            extra_files={"vocab.json": vocab_path, "report.png": report_path},
+            extra_files={VOCAB_FILE: vocab_path, REPORT_FILE: report_path},
         )
     log.info("wrote %s", destination)
     return 0
