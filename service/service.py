@@ -132,6 +132,10 @@ ROUTE_ENDPOINTS = {route: name for name, routes in BATCHER_ROUTES.items() for ro
 INLINE_DECODE_PIXELS = 1_000_000
 # Form parts one request may carry: the images of a batch request plus a few other fields.
 EXTRA_FORM_PARTS = 16
+# /classify_input (the web page's preview) decodes outside the batcher, on worker
+# threads: beyond this many waiting at once a new one gets a 503, so that a flood
+# of previews cannot pile up bodies and decodes without bound.
+MAX_PREVIEWS_WAITING = 32
 
 
 @bentoml.asgi_app(page_app(), path=PAGE_PATH)
@@ -172,6 +176,7 @@ class ServingService:
         }
         self.limits = settings.limits
         self.max_form_parts = settings.limits.max_items_per_request + EXTRA_FORM_PARTS
+        self.previews_waiting = 0  # /classify_input requests being prepared (event loop only)
         self.metrics = endpoint_metrics(BATCHER_ROUTES)
         artifacts = {key: load_stored_artifact(model.path) for key, model in stored.items()}
         predictors = {
@@ -490,8 +495,17 @@ class ServingService:
     async def _classifier_input(self, files: Sequence[tuple[bytes, Location]]) -> Reply:
         """The 28×28 grayscale PNG the classifier is given for one image (the web page
         shows it, so that preprocessing is visible); decoded as /classify decodes."""
+        if self.previews_waiting >= MAX_PREVIEWS_WAITING:
+            raise ServiceBusy(
+                f"the server is busy ({self.previews_waiting} previews are being prepared); "
+                "retry shortly"
+            )
         [image] = identify_images(files, max_pixels=self.limits.max_image_pixels)
-        [row] = await asyncio.to_thread(self.classification.decode_and_prepare, [image])
+        self.previews_waiting += 1
+        try:
+            [row] = await asyncio.to_thread(self.classification.decode_and_prepare, [image])
+        finally:
+            self.previews_waiting -= 1
         if isinstance(row, ImageError):
             raise RequestError([Problem(row.type, row.message, files[0][1])])
         return Reply(200, encode_png(pixels_from_normalized(row[0])), PNG)

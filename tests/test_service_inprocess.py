@@ -233,3 +233,24 @@ def test_the_grid_is_one_png_with_the_seed_in_a_header(svc):
     grid = Image.open(io.BytesIO(response.body))
     assert grid.size == (3 * 28 + 4 * 2, 3 * 28 + 4 * 2)
     assert response.body == run(svc.generate(n=9, digit=None, seed=3, grid=True)).body
+
+
+def test_previews_beyond_the_limit_are_refused_and_the_count_returns_to_zero(svc):
+    from service.service import MAX_PREVIEWS_WAITING, PNG
+
+    buffer = io.BytesIO()
+    Image.new("L", (28, 28)).save(buffer, format="PNG")
+    body = buffer.getvalue()
+
+    async def previews(count: int) -> list:
+        return await asyncio.gather(
+            *(svc.handle("/classify_input", PNG, PNG, body) for _ in range(count))
+        )
+
+    replies = run(previews(MAX_PREVIEWS_WAITING + 8))
+    statuses = sorted(reply.status for reply in replies)
+    # Every request starts before any decode finishes (they wait on worker threads),
+    # so exactly the limit is prepared and the rest are told to retry.
+    assert statuses == [200] * MAX_PREVIEWS_WAITING + [503] * 8
+    assert svc.previews_waiting == 0
+    assert run(previews(1))[0].status == 200

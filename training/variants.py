@@ -11,7 +11,7 @@ recorded criteria hold:
 Speed is not a criterion. It is measured only on the device a variant is built
 for (INT8: the CPU; fp16: a CUDA GPU) when the verifying machine has one, and
 stored with that device's name, as evidence for choosing the served precision
-(``SERVING_<MODEL>_PRECISION``). A decision taken from the timing of whichever
+(``SERVING_<ENDPOINT>_PRECISION``). A decision taken from the timing of whichever
 machine runs verification would make the release depend on that machine; these
 two criteria give the same files on any machine. Where a GPU is present, the
 fp16 accuracy on it is recorded as well.
