@@ -39,6 +39,33 @@ def test_a_drawing_is_dark_round_strokes_of_the_asked_width_where_asked():
     assert canvas[(canvas > 0) & (canvas < 255)].size > 0  # anti-aliased edges
 
 
+def test_stroke_depth_is_the_distance_to_the_edge_of_the_ink():
+    ink = np.zeros((1, 12, 12), dtype=bool)
+    ink[0, 1:10, 1:10] = True  # a 9×9 square
+    [depth] = drawn_digits.stroke_depths(ink)
+    assert depth[5, 5] == 5 and depth[1, 5] == 1 and depth[0, 0] == 0
+    assert depth.max() == 5
+
+
+def test_a_region_the_writer_filled_in_stays_filled():
+    # A 9 whose loop was inked solid: a disc (the head) on a stem. Its skeleton is a
+    # line; drawn with the brush alone the head would vanish and the 9 read as a 1.
+    side = 56
+    yy, xx = np.mgrid[:side, :side]
+    ink = ((yy - 16) ** 2 + (xx - 28) ** 2 <= 11**2) | ((abs(xx - 36) <= 2) & (yy >= 16))
+    [skeleton], [depths] = drawn_digits.skeletons(ink[None]), drawn_digits.stroke_depths(ink[None])
+    plan = drawn_digits.Drawing(
+        canvas_side=200, stroke_width=0.06, digit_height=0.7, offset_x=0.5, offset_y=0.5
+    )
+    brush_only = np.asarray(drawn_digits.draw(skeleton, plan)) < 128
+    with_depth = np.asarray(drawn_digits.draw(skeleton, plan, depths)) < 128
+    top = slice(0, 100)  # the head's half of the canvas
+    assert with_depth[top].sum() > 3 * brush_only[top].sum()
+    # The stem keeps the brush width: depth widens only what is thicker than the stroke.
+    stem_widths = with_depth[150:170].sum(axis=1)
+    assert stem_widths.max() <= 1.5 * brush_only[150:170].sum(axis=1).max()
+
+
 def test_the_set_is_reproducible_and_covers_every_canvas_and_width(data_dir):
     plans = drawn_digits.drawings(48, seed=0)
     assert plans == drawn_digits.drawings(48, seed=0)

@@ -112,9 +112,8 @@ class CanvasStrokes:
     def __call__(self, image: Image.Image) -> Image.Image:
         if self.fraction <= 0 or random.random() >= self.fraction:
             return image
-        skeleton = drawn_digits.skeletons(
-            drawn_digits.upsampled(np.asarray(image)[np.newaxis]) > drawn_digits.INK_LEVEL
-        )[0]
+        ink = drawn_digits.upsampled(np.asarray(image)[np.newaxis]) > drawn_digits.INK_LEVEL
+        [skeleton], [depths] = drawn_digits.skeletons(ink), drawn_digits.stroke_depths(ink)
         if not skeleton.any():
             return image
         drawing = drawn_digits.Drawing(
@@ -124,7 +123,9 @@ class CanvasStrokes:
             offset_x=random.random(),
             offset_y=random.random(),
         )
-        pixels = digit_pixels_from_image(drawn_digits.draw(skeleton, drawing, supersample=2))
+        pixels = digit_pixels_from_image(
+            drawn_digits.draw(skeleton, drawing, depths, supersample=2)
+        )
         return Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L")
 
 
