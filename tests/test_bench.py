@@ -312,11 +312,18 @@ def test_the_peer_set_names_servers_revisions_and_relative_targets():
         "configs": [
             # 1,000 req/s at 100 % of a core: 1.0 ms per request, 0.2 ms of it in the model.
             {"name": "service", "points": [point("service", 1000.0, 50.0, 100.0, 1.2)]},
+            {"name": "service-1-thread",
+             "points": [point("service-1-thread", 1000.0, 50.0, 100.0, 1.2)]},
             {"name": "litserve", "points": [point("litserve", 390.0, 60.0)]},
         ]
-    }
-    [target] = [t for t in peers.targets if t.workload == "classify" and t.concurrency == 64]
-    [result] = evaluate_targets(report, [target])
-    assert result["measured"]["ratio"] == pytest.approx(1000 / 390)
-    assert result["measured"]["outside_model_ms"] == pytest.approx(0.8)
-    assert result["met"] is False  # 0.8 ms outside the model is over the 0.35 ms bound
+    }  # fmt: skip
+    targets = [t for t in peers.targets if t.workload == "classify" and t.concurrency == 64]
+    # The CPU outside the model is judged where the model's wall time is its CPU time.
+    [outside] = [t for t in targets if t.max_outside_model_ms is not None]
+    [relative] = [t for t in targets if t.relative_to == "litserve"]
+    assert outside.config == "service-1-thread" and relative.config == "service"
+    [outside_result, relative_result] = evaluate_targets(report, [outside, relative])
+    assert relative_result["measured"]["ratio"] == pytest.approx(1000 / 390)
+    assert relative_result["met"] is True  # 2.56× LitServe with a lower p99
+    assert outside_result["measured"]["outside_model_ms"] == pytest.approx(0.8)
+    assert outside_result["met"] is False  # 0.8 ms outside the model is over the 0.35 ms bound
