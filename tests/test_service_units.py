@@ -573,6 +573,34 @@ def test_bad_forms_are_request_errors():
         parse_form(body, "multipart/form-data", max_parts=10)
 
 
+def test_forms_are_read_as_rfc_7578_allows():
+    body, content_type = _form(("images", "a.png", b"A"), ("note", None, b"hi"))
+    # A preamble before the first delimiter and an epilogue after the last are ignored,
+    # and so is transport padding after a delimiter.
+    padded = b"preamble\r\n" + body.replace(b"--XyZ\r\n", b"--XyZ \t\r\n") + b"epilogue"
+    assert [(p.name, p.data) for p in parse_form(padded, content_type, max_parts=10)] == [
+        ("images", b"A"),
+        ("note", b"hi"),
+    ]
+    # Quoted names with escapes and RFC 2231 names go through python-multipart's parser.
+    escaped = b'--XyZ\r\nContent-Disposition: form-data; name="a\\"b"\r\n\r\nv\r\n--XyZ--'
+    assert [(p.name, p.data) for p in parse_form(escaped, content_type, max_parts=10)] == [
+        ('a"b', b"v")
+    ]
+    quoted_boundary = 'multipart/form-data; boundary="XyZ"'
+    assert len(parse_form(body, quoted_boundary, max_parts=10)) == 2
+    # A part without any header line has no name and is skipped.
+    assert parse_form(b"--XyZ\r\n\r\ndata\r\n--XyZ--", content_type, max_parts=10) == []
+    for malformed in (
+        b"no delimiter at all",
+        b"--XyZ\r\nnot a header\r\n\r\nx\r\n--XyZ--",  # a header line without a colon
+        b"--XyZjunk\r\n\r\nx\r\n--XyZ--",  # a delimiter not followed by a line break
+    ):
+        with pytest.raises(RequestError) as error:
+            parse_form(malformed, content_type, max_parts=10)
+        assert _kinds(error.value) == [("invalid_multipart", ("body",))], malformed
+
+
 def test_images_are_identified_and_every_bad_one_reported():
     png = encode_png(np.zeros((28, 28), np.uint8))
     [image] = identify_images([(png, ("image",))], max_pixels=1000)
