@@ -99,6 +99,7 @@ from service.settings import (
     resolve_backend,
     resolve_precision,
 )
+from service.traffic_metrics import install as install_route_traffic_metrics
 from service.webpage import PAGE_PATH, page_app
 
 log = logging.getLogger("service")
@@ -108,6 +109,8 @@ use_instance_folder()
 SETTINGS = current_settings()
 # Before the worker's HTTP server starts: limits on headers, connections and shutdown.
 install_connection_limits(SETTINGS.connections)
+# Before the worker builds its ASGI app: BentoML's request metrics, children cached.
+install_route_traffic_metrics()
 TAGS = served_model_tags({key: SETTINGS.models[key].tag for key in MODEL_KEYS})
 check_store_entries(TAGS.values())
 

@@ -126,6 +126,45 @@ def test_health_metrics_and_openapi(server):
         assert f'endpoint="{route}"' in text, route  # BentoML's per-endpoint request metrics
 
 
+def request_counts(server, endpoint: str) -> dict[str, float]:
+    """BentoML's ``bentoml_service_request_total`` for one route, by status code."""
+    _, _, raw = server.request("/metrics")
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(raw.decode()):
+        for sample in family.samples:
+            if sample.name == "bentoml_service_request_total" and (
+                sample.labels["endpoint"] == endpoint
+            ):
+                code = sample.labels["http_response_code"]
+                counts[code] = counts.get(code, 0.0) + sample.value
+    return counts
+
+
+def test_request_metrics_count_every_answer_by_route_and_status(server):
+    """service.traffic_metrics records BentoML's request metrics itself: same names,
+    labels and counts as BentoML's middleware, with the children looked up once."""
+    before = request_counts(server, "/sentiment")
+    for _ in range(3):
+        assert server.post_json("/sentiment", {"text": "A fine film."})[0] == 200
+    assert server.post_json("/sentiment", {"text": ""})[0] == 400
+    after = request_counts(server, "/sentiment")
+    assert delta(after, before, "200") == 3 and delta(after, before, "400") == 1
+    _, _, raw = server.request("/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(raw.decode())}
+    durations = [
+        s for s in families["bentoml_service_request_duration_seconds"].samples
+        if s.name.endswith("_count") and s.labels["endpoint"] == "/sentiment"
+        and s.labels["http_response_code"] == "200"
+    ]  # fmt: skip
+    assert sum(s.value for s in durations) >= 3
+    in_progress = [
+        s.value for s in families["bentoml_service_request_in_progress"].samples
+        if s.labels["endpoint"] == "/sentiment"
+    ]  # fmt: skip
+    assert in_progress and sum(in_progress) == 0  # nothing is left counted as running
+    assert "bentoml_service_last_request_timestamp_seconds" in families
+
+
 def test_the_web_page_is_served_and_linked_from_the_openapi_page(server):
     status, headers, _ = server.request("/ui")  # urllib follows the redirect to /ui/
     assert status == 200 and headers["content-type"].startswith("text/html")

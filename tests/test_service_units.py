@@ -727,3 +727,51 @@ def test_every_setting_the_service_reads_is_documented():
     assert sorted(n for n in documented_names if n not in docstring) == []
     missing_from_readme = sorted(n for n in documented_names if n not in readme)
     assert not missing_from_readme, missing_from_readme
+
+
+# --- BentoML's request metrics ----------------------------------------------------------
+
+
+def test_route_traffic_metrics_look_each_child_up_once(monkeypatch):
+    from bentoml._internal.context import server_context
+    from bentoml._internal.server.http import instruments
+
+    import service.service  # noqa: F401  (installs the class, as a worker does)
+    from service.traffic_metrics import RouteTrafficMetrics
+
+    assert instruments.RunnerTrafficMetricsMiddleware is RouteTrafficMetrics
+    monkeypatch.setattr(server_context, "service_routes", ["/classify"])
+
+    async def app(scope, receive, send):
+        status = 200 if scope["path"] == "/classify" else 404
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def ignore(message):
+        pass
+
+    middleware = RouteTrafficMetrics(app, namespace="route_metrics_test")
+    asyncio.run(middleware({"type": "http", "path": "/classify"}, None, ignore))
+    lookups: list[dict] = []
+
+    def counted(labels):
+        def lookup(*args, **kwargs):
+            lookups.append(kwargs)
+            return labels(*args, **kwargs)
+
+        return lookup
+
+    for metric in (middleware.metrics_request_total, middleware.metrics_request_duration):
+        monkeypatch.setattr(metric, "labels", counted(metric.labels))
+
+    async def requests():
+        for _ in range(20):
+            await middleware({"type": "http", "path": "/classify"}, None, ignore)
+        await middleware({"type": "http", "path": "/elsewhere"}, None, ignore)
+
+    asyncio.run(requests())
+    # No lookup for the API route any more; another path takes BentoML's own code.
+    assert all(k["endpoint"] == "/elsewhere" for k in lookups) and lookups
+    route = middleware._routes["/classify"]
+    total, _ = route.by_status[200]
+    assert total._value.get() == 21
