@@ -9,8 +9,17 @@ The end-to-end effect of all of them together is ``make bench-peers``.
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+# The server keeps its metrics in prometheus_client's multiprocess files (memory-mapped),
+# which makes every observation dearer; measure them that way. Set before
+# prometheus_client is imported, which is when it chooses how values are stored.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="bench-micro-"))
+
 import argparse
 import asyncio
+import io
 import json
 import time
 from collections.abc import Callable
@@ -32,11 +41,13 @@ from bench.payloads import (
     read_sst2_test_sentences,
 )
 from models.preprocessing import digit_pixels_from_image, digit_pixels_from_images
-from service.imaging import load_image, open_image
+from service.imaging import encode_png, grid_png, load_image, open_image
 from service.requests import SentimentInput, parse_form, parse_json
 from service.schemas import DigitPrediction
+from service.traffic_metrics import BentoTrafficMetrics, RouteTrafficMetrics
 
 BATCH = 64  # images per model call under load (the CPU default max_batch_size)
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def per_call_us(step: Callable[[int], object], repeat: int, items_per_call: int = 1) -> float:
@@ -44,6 +55,72 @@ def per_call_us(step: Callable[[int], object], repeat: int, items_per_call: int 
     for index in range(repeat):
         step(index)
     return 1e6 * (time.perf_counter() - started) / (repeat * items_per_call)
+
+
+def streaming_parse_form(body: bytes, content_type: str) -> list[tuple[bytes, bytes]]:
+    """(name, data) of each part, by python-multipart's streaming parser: what
+    ``service.requests.parse_form`` did before it split the body at its delimiters."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, options = parse_options_header(content_type)
+    parts: list[tuple[bytes, bytes]] = []
+    chunks: list[bytes] = []
+    headers: dict[bytes, bytes] = {}
+    field, value = bytearray(), bytearray()
+
+    def on_header_end() -> None:
+        headers[bytes(field).lower()] = bytes(value)
+        field.clear()
+        value.clear()
+
+    def on_part_end() -> None:
+        _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
+        parts.append((disposition.get(b"name", b""), b"".join(chunks)))
+        chunks.clear()
+
+    callbacks = {
+        "on_header_field": lambda data, start, end: field.extend(data[start:end]),
+        "on_header_value": lambda data, start, end: value.extend(data[start:end]),
+        "on_header_end": on_header_end,
+        "on_part_data": lambda data, start, end: chunks.append(data[start:end]),
+        "on_part_end": on_part_end,
+    }
+    MultipartParser(options[b"boundary"], callbacks).write(body)
+    return parts
+
+
+def traffic_metrics_us(middleware_class: type, repeat: int, namespace: str) -> float:
+    """BentoML's request metrics for one request to an API route, around an app that
+    answers at once (the app's own cost subtracted)."""
+    from bentoml._internal.context import server_context
+
+    server_context.service_routes = ["/classify"]
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def ignore(message) -> None:
+        pass
+
+    async def requests(handler) -> float:
+        scope = {"type": "http", "path": "/classify"}
+        await handler(scope, None, ignore)  # set-up and first lookups
+        started = time.perf_counter()
+        for _ in range(repeat):
+            await handler(scope, None, ignore)
+        return 1e6 * (time.perf_counter() - started) / repeat
+
+    loop = asyncio.new_event_loop()
+    try:
+        bare = loop.run_until_complete(requests(app))
+        wrapped = middleware_class(app, namespace=namespace)
+        # prometheus_client itself as the metrics client (BentoML's wraps it), so that
+        # this process needs no BentoML metrics set-up.
+        wrapped._setup(metrics_client=prometheus_client, duration_buckets=DURATION_BUCKETS)
+        return loop.run_until_complete(requests(wrapped)) - bare
+    finally:
+        loop.close()
 
 
 def measure(data_dir: Path, repeat: int) -> list[tuple[str, float, float]]:
@@ -77,6 +154,29 @@ def measure(data_dir: Path, repeat: int) -> list[tuple[str, float, float]]:
         )
     )
     loop.close()
+
+    rows.append(
+        (
+            "one-image form → parts (python-multipart's streaming parser → split at delimiters)",
+            per_call_us(lambda i: streaming_parse_form(*forms[i % len(forms)]), repeat),
+            per_call_us(lambda i: parse_form(*forms[i % len(forms)], max_parts=144), repeat),
+        )
+    )
+    big_form = multipart_body(file_parts("images", pngs * 2))  # 1,024 images
+    rows.append(
+        (
+            "1,024-image form → parts, per request (the same two parsers)",
+            per_call_us(lambda i: streaming_parse_form(*big_form), max(1, repeat // 200)),
+            per_call_us(lambda i: parse_form(*big_form, max_parts=2048), max(1, repeat // 200)),
+        )
+    )
+    rows.append(
+        (
+            "BentoML's request metrics per request (its middleware → RouteTrafficMetrics)",
+            traffic_metrics_us(BentoTrafficMetrics, repeat, "micro_bentoml"),
+            traffic_metrics_us(RouteTrafficMetrics, repeat, "micro_route"),
+        )
+    )
 
     images = [load_image(open_image(png, max_pixels=1 << 24)) for png in pngs]
     batches = [images[start : start + BATCH] for start in range(0, len(images), BATCH)]
@@ -130,7 +230,25 @@ def measure(data_dir: Path, repeat: int) -> list[tuple[str, float, float]]:
             per_call_us(lambda i: bound.observe(1.0), repeat),
         )
     )
+
+    # The grid a /generate n=16 request answers, from 16 MNIST digits.
+    grid_pixels = np.asarray(
+        Image.open(io.BytesIO(grid_png([np.asarray(im) for im in images[:16]])))
+    )
+    rows.append(
+        (
+            "16-digit grid → PNG bytes (zlib level 6 → 1)",
+            per_call_us(lambda i: _png_at_level(grid_pixels, 6), repeat),
+            per_call_us(lambda i: encode_png(grid_pixels), repeat),
+        )
+    )
     return rows
+
+
+def _png_at_level(pixels: np.ndarray, level: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=level)
+    return buffer.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,15 +49,18 @@ class RouteTrafficMetrics(BentoTrafficMetrics):
     _routes: dict[str, _RouteChildren]
     _last_request: Any
 
+    def _setup(self, *args: Any, **kwargs: Any) -> None:
+        super()._setup(*args, **kwargs)  # BentoML's families, from its metrics client
+        self._routes = {}
+        self._last_request = self.metrics_last_request_timestamp.labels(
+            service_name=server_context.bento_name,
+            service_version=server_context.bento_version,
+            runner_name=server_context.service_name,
+        )
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if not self._is_setup:
             self._setup()
-            self._routes = {}
-            self._last_request = self.metrics_last_request_timestamp.labels(
-                service_name=server_context.bento_name,
-                service_version=server_context.bento_version,
-                runner_name=server_context.service_name,
-            )
         path = scope.get("path")
         if scope["type"] != "http" or path not in server_context.service_routes:
             await super().__call__(scope, receive, send)
