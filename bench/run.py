@@ -9,6 +9,7 @@ generator, read the server's batch sizes and CPU use, stop it; then write
         --concurrency 1 16 --duration 3              # a quick look
     python -m bench.run --url http://host:3000 --workload sentiment   # a running service
     python -m bench.run --set cpu --profile classify:64   # also py-spy one worker at that point
+    python -m bench.run --set peers --against 5a13d65     # and each service config at 5a13d65
 
 Results go to ``bench-results/<set>/`` (``--output-dir`` to change).
 """
@@ -26,7 +27,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench import profiling
-from bench.config import ComparisonSet, ServiceConfig, WorkloadPlan, load_comparison_set
+from bench.config import (
+    Comparison,
+    ComparisonSet,
+    ServiceConfig,
+    WorkloadPlan,
+    load_comparison_set,
+)
 from bench.loadgen import PointResult, default_client_processes, run_closed_loop
 from bench.payloads import Workload, build_workloads, default_data_dir
 from bench.report import compare, evaluate_targets, machine_info, write_report
@@ -228,7 +235,29 @@ def select(comparison_set: ComparisonSet, args: argparse.Namespace) -> Compariso
         )
     if args.concurrency:
         plans = tuple(replace(plan, concurrency=tuple(args.concurrency)) for plan in plans)
-    return replace(comparison_set, configs=configs, workloads=plans)
+    selected = replace(comparison_set, configs=configs, workloads=plans)
+    return against_revision(selected, args.against) if args.against else selected
+
+
+def against_revision(comparison_set: ComparisonSet, revision: str) -> ComparisonSet:
+    """Add, for every configuration of the service as it is, the same configuration at
+    ``revision`` (named ``<name>@<revision>``) and a comparison of the two: a before and
+    after measured in one run, on the same machine state."""
+    current = [c for c in comparison_set.configs if c.server == "service" and not c.revision]
+    earlier = [
+        replace(c, name=f"{c.name}@{revision}", revision=revision,
+                description=f"{c.name} at {revision}")
+        for c in current
+    ]  # fmt: skip
+    comparisons = [
+        Comparison(f"{c.name} against itself at {revision}", f"{c.name}@{revision}", c.name)
+        for c in current
+    ]
+    return replace(
+        comparison_set,
+        configs=(*comparison_set.configs, *earlier),
+        comparisons=(*comparison_set.comparisons, *comparisons),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, help="uncounted seconds before each point")
     parser.add_argument("--client-processes", type=int, help="load-generator processes")
     parser.add_argument("--url", help="benchmark an already running service instead")
+    parser.add_argument(
+        "--against",
+        metavar="REVISION",
+        help="also run each configuration of the service at this git revision, same run",
+    )
     parser.add_argument(
         "--profile",
         nargs="+",

@@ -327,3 +327,21 @@ def test_the_peer_set_names_servers_revisions_and_relative_targets():
     assert relative_result["met"] is True  # 2.56× LitServe with a lower p99
     assert outside_result["measured"]["outside_model_ms"] == pytest.approx(0.8)
     assert outside_result["met"] is False  # 0.8 ms outside the model is over the 0.35 ms bound
+
+
+def test_against_a_revision_adds_the_service_configs_there_and_compares_them():
+    from bench.config import load_comparison_set
+    from bench.run import against_revision
+
+    peers = load_comparison_set("peers")
+    extended = against_revision(peers, "abc123")
+    added = {c.name: c for c in extended.configs if c.name.endswith("@abc123")}
+    # Every configuration of the service as it is, and no peer and no earlier revision.
+    assert set(added) == {"service@abc123", "service-1-thread@abc123"}
+    assert added["service-1-thread@abc123"].env == peers.config("service-1-thread").env
+    assert all(c.revision == "abc123" for c in added.values())
+    new = extended.comparisons[len(peers.comparisons) :]
+    assert {(c.baseline, c.variant) for c in new} == {
+        ("service@abc123", "service"),
+        ("service-1-thread@abc123", "service-1-thread"),
+    }
