@@ -106,7 +106,9 @@ def parse_form(body: bytes, content_type: str, *, max_parts: int) -> list[FormPa
         after_first = found + 2 + len(delimiter)
     # Each piece starts right after a delimiter: "--" for the closing one, else
     # (transport padding and) CRLF, the part's header lines, an empty line, its data.
-    pieces = body[after_first:].split(b"\r\n" + delimiter)
+    # Split at most max_parts + 1 times, so that a body of nothing but delimiters
+    # costs no more than a form of max_parts parts.
+    pieces = body[after_first:].split(b"\r\n" + delimiter, max_parts + 1)
     parts: list[FormPart] = []
     for index, piece in enumerate(pieces):
         if piece.startswith(b"--"):
