@@ -89,9 +89,10 @@ def load_image(image: Image.Image) -> Image.Image:
     return image
 
 
-# zlib's fastest level: a 16-digit grid encodes in 0.18 ms instead of 0.70 ms at
-# Pillow's default (6), for a file 12 % larger (6.8 kB instead of 6.0 kB); the
-# encoding was 15 % of the worker's CPU under /generate load (docs/benchmarks.md).
+# zlib's fastest level: a 16-digit grid encodes in 0.11 ms instead of 0.24 ms at
+# Pillow's default (6) (python -m bench.micro), for a file 12 % larger (6.8 kB
+# instead of 6.0 kB); the encoding was 15 % of the worker's CPU samples under
+# /generate n=16 load (docs/benchmarks.md).
 PNG_COMPRESS_LEVEL = 1
 
 
