@@ -41,7 +41,7 @@ from bench.payloads import (
     read_sst2_test_sentences,
 )
 from models.preprocessing import digit_pixels_from_image, digit_pixels_from_images
-from service.imaging import encode_png, grid_png, load_image, open_image
+from service.imaging import encode_png, grid_canvas, load_image, open_image
 from service.requests import SentimentInput, parse_form, parse_json
 from service.schemas import DigitPrediction
 from service.traffic_metrics import BentoTrafficMetrics, RouteTrafficMetrics
@@ -232,9 +232,7 @@ def measure(data_dir: Path, repeat: int) -> list[tuple[str, float, float]]:
     )
 
     # The grid a /generate n=16 request answers, from 16 MNIST digits.
-    grid_pixels = np.asarray(
-        Image.open(io.BytesIO(grid_png([np.asarray(im) for im in images[:16]])))
-    )
+    grid_pixels = grid_canvas([np.asarray(image) for image in images[:16]])
     rows.append(
         (
             "16-digit grid → PNG bytes (zlib level 6 → 1)",

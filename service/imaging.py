@@ -106,6 +106,11 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 def grid_png(tiles: Sequence[np.ndarray], *, padding: int = 2) -> bytes:
     """Equal-size uint8 tiles → one PNG, laid out in a near-square grid, row by row."""
+    return encode_png(grid_canvas(tiles, padding=padding))
+
+
+def grid_canvas(tiles: Sequence[np.ndarray], *, padding: int = 2) -> np.ndarray:
+    """Equal-size uint8 tiles → one uint8 image of them in a near-square grid, row by row."""
     count = len(tiles)
     columns = math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)
@@ -119,4 +124,4 @@ def grid_png(tiles: Sequence[np.ndarray], *, padding: int = 2) -> bytes:
         top = padding + row * (height + padding)
         left = padding + column * (width + padding)
         canvas[top : top + height, left : left + width] = tile
-    return encode_png(canvas)
+    return canvas
