@@ -1,6 +1,7 @@
 """What each change of the lean request path saves, one at a time, in microseconds per
-request: each step of a classify or sentiment request timed the old way and the new way,
-in one process, on real payloads (MNIST test PNGs, SST-2 test sentences).
+request: each step of a classify, sentiment or generate request timed the old way and
+the new way, in one process, on real payloads (MNIST test PNGs, SST-2 test sentences,
+the released generator).
 
     python -m bench.micro [--data-dir ../shared/data] [--repeat 2000]
 
@@ -40,13 +41,18 @@ from bench.payloads import (
     read_mnist_test_digits,
     read_sst2_test_sentences,
 )
+from models.onnx_session import open_session
 from models.preprocessing import digit_pixels_from_image, digit_pixels_from_images
+from models.registry import DIGIT_GENERATOR, artifacts_root, get_spec
 from service.imaging import encode_png, grid_canvas, load_image, open_image
 from service.requests import SentimentInput, parse_form, parse_json
 from service.schemas import DigitPrediction
 from service.traffic_metrics import BentoTrafficMetrics, RouteTrafficMetrics
 
 BATCH = 64  # images per model call under load (the CPU default max_batch_size)
+# Rows per generator call under load: 64 clients × n=16 fill the CPU max_batch_size.
+GENERATOR_BATCH = 256
+GENERATE_N = 16
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -240,7 +246,46 @@ def measure(data_dir: Path, repeat: int) -> list[tuple[str, float, float]]:
             per_call_us(lambda i: encode_png(grid_pixels), repeat),
         )
     )
+    rows.append(generator_row(max(3, repeat // 100)))
     return rows
+
+
+def generator_row(repeat: int) -> tuple[str, float, float]:
+    """The released generator as the exporter writes it and as it is released
+    (``training.subpixel``), per n=16 request, in batches of ``GENERATOR_BATCH`` rows
+    with the service's default thread count for one worker (every core)."""
+    from training.export import export_onnx  # torch: imported only for this row
+
+    spec = get_spec(DIGIT_GENERATOR)
+    artifact = spec.load_artifact(artifacts_root() / spec.name)
+    module = spec.load_module(artifact)
+    graphs = [
+        export_onnx(spec, module, artifact.config, subpixel_upsampling=flag).SerializeToString()
+        for flag in (False, True)
+    ]
+    feeds = dict(
+        zip(
+            spec.onnx.inputs,
+            spec.example_inputs(artifact.config, GENERATOR_BATCH, seed=0),
+            strict=True,
+        )
+    )
+    sessions = [open_session(graph, threads=os.cpu_count()) for graph in graphs]
+    for session in sessions:
+        session.run(None, feeds)  # warm up
+    # Interleaved, so a change in the machine's load falls on both graphs alike.
+    totals = [0.0, 0.0]
+    for _ in range(repeat):
+        for index, session in enumerate(sessions):
+            started = time.perf_counter()
+            session.run(None, feeds)
+            totals[index] += time.perf_counter() - started
+    per_request = [1e6 * total / repeat * GENERATE_N / GENERATOR_BATCH for total in totals]
+    return (
+        f"generator, per n={GENERATE_N} request in batches of {GENERATOR_BATCH} rows "
+        "(ConvTranspose → sub-pixel Conv)",
+        *per_request,
+    )
 
 
 def _png_at_level(pixels: np.ndarray, level: int) -> bytes:

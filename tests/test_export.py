@@ -169,6 +169,15 @@ def test_export_is_deterministic(exported):
     assert again.SerializeToString() == model.SerializeToString()
 
 
+def test_generator_upsamples_with_subpixel_convolutions(exported):
+    """Both transposed convolutions become phase convolutions (training.subpixel); the
+    last 3×3 layer runs on the phases, so only two interleaves are left."""
+    ops = Counter(node.op_type for node in exported[DIGIT_GENERATOR][2].graph.node)
+    assert "ConvTranspose" not in ops
+    assert ops["DepthToSpace"] == 2
+    assert ops["Conv"] == 2 * 4 + 1
+
+
 def test_gemm_to_matmul_is_exact(exported):
     model = exported[MNIST_CLASSIFIER][2]
     rewritten = export.gemm_to_matmul(model)
