@@ -1,7 +1,7 @@
 """Train the MNIST digit classifier and write it as the ``mnist-cnn`` artifact.
 
     python -m training.mnist                       # full run (CUDA when present)
-    python -m training.mnist --threads 1 --epochs 12
+    python -m training.mnist --threads 1 --canvas-fraction 0.7 --epochs 24   # the release
     python -m training.mnist --smoke --output-dir /tmp/artifacts   # seconds, on the CPU
 
 55,000 training images (light affine augmentation; a fraction also passes
@@ -68,14 +68,15 @@ SMOKE_EVAL_IMAGES = 256
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 12
+    epochs: int = 24
     batch_size: int = 128
     max_learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
     service_fraction: float = 0.25
-    # Off for the released model: see the README (drawn digits) for what 0.25 gave.
-    canvas_fraction: float = 0.0
+    # The released model: 70 % of the training digits redrawn as canvas strokes, which
+    # took drawn digits from 98.59 % to 99.01 % (README, drawn digits).
+    canvas_fraction: float = 0.7
     seed: int = 0
     smoke: bool = False
 
