@@ -85,7 +85,11 @@ def test_smoke_run_writes_a_complete_verified_artifact(smoke_root):
 def test_evaluate_only_refreshes_metrics_of_the_saved_generator(smoke_root):
     directory = SPEC.artifact_dir(smoke_root)
     before = SPEC.load_artifact(directory).metadata
-    stale = {**before, "metrics": {"conditional_accuracy": -1.0}}
+    stale = {
+        **before,
+        "metrics": {"conditional_accuracy": -1.0},
+        "evaluation_classifier": {"name": "mnist-cnn", "weights_sha256": "an older classifier"},
+    }
     write_json(directory / "metadata.json", stale)  # metadata.json is not checksummed itself
     classifier_dir = CLASSIFIER_SPEC.artifact_dir(smoke_root)
     assert (
@@ -109,6 +113,8 @@ def test_evaluate_only_refreshes_metrics_of_the_saved_generator(smoke_root):
         before["metrics"]["frechet_distance_generated_vs_test"]
     )
     assert "report.png" in after["files"]
+    # The refreshed figures name the classifier that measured them.
+    assert after["evaluation_classifier"] == before["evaluation_classifier"]
 
 
 @needs_mnist

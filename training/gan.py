@@ -398,21 +398,38 @@ def write_report(
     )
 
 
+def classifier_provenance(classifier_dir: Path) -> dict:
+    """Which classifier the metrics were measured with (its figures depend on it)."""
+    metadata = get_spec(MNIST_CLASSIFIER).load_artifact(classifier_dir).metadata
+    return {
+        "name": MNIST_CLASSIFIER,
+        "test_accuracy": metadata.get("metrics", {}).get("test_accuracy"),
+        "weights_sha256": metadata["files"][WEIGHTS_FILE],
+    }
+
+
 def evaluate_saved(
-    args: argparse.Namespace, config: TrainConfig, classifier: DigitClassifier, device: torch.device
+    args: argparse.Namespace,
+    config: TrainConfig,
+    classifier_dir: Path,
+    device: torch.device,
 ) -> Path:
-    """``--evaluate-only``: re-measure the generator artifact and refresh its metrics and report."""
+    """``--evaluate-only``: re-measure the generator artifact and refresh its metrics,
+    report and the record of the classifier that measured them."""
     spec = get_spec(DIGIT_GENERATOR)
     destination = spec.artifact_dir(args.output_dir or artifacts_root())
     artifact = spec.load_artifact(destination)
     generator = spec.load_module(artifact, device)
+    classifier = load_classifier(classifier_dir, device)
     config = TrainConfig(**{**config.__dict__, "smoke": bool(artifact.metadata.get("smoke"))})
     metrics = {
         **artifact.metadata.get("metrics", {}),
         **evaluate(generator, classifier, args.data_dir, config, device),
     }
     with staged_artifact(destination) as staging:
-        update_metadata(staging, metrics=metrics)
+        update_metadata(
+            staging, metrics=metrics, evaluation_classifier=classifier_provenance(classifier_dir)
+        )
         write_report(
             staging / REPORT_FILE,
             generator,
@@ -441,8 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate_only:
         if not distributed.current().is_main:
             return 0
-        classifier = load_classifier(classifier_dir, device)
-        log.info("re-evaluated %s", evaluate_saved(args, config, classifier, device))
+        log.info("re-evaluated %s", evaluate_saved(args, config, classifier_dir, device))
         return 0
 
     log.info("training %s on %s with %s", DIGIT_GENERATOR, device, config)
@@ -461,16 +477,11 @@ def main(argv: list[str] | None = None) -> int:
         "validation_frechet": best["frechet"],
         "validation_conditional_accuracy": best["accuracy"],
     }
-    classifier_metadata = get_spec(MNIST_CLASSIFIER).load_artifact(classifier_dir).metadata
     metadata = {
         "smoke": config.smoke,
         "metrics": metrics,
         "history": history,
-        "evaluation_classifier": {
-            "name": MNIST_CLASSIFIER,
-            "test_accuracy": classifier_metadata.get("metrics", {}).get("test_accuracy"),
-            "weights_sha256": classifier_metadata["files"][WEIGHTS_FILE],
-        },
+        "evaluation_classifier": classifier_provenance(classifier_dir),
         "training": {
             **run_provenance(device, argv),
             "epochs": config.epochs,
