@@ -41,7 +41,7 @@ followed by a second constant-folding pass with a raised size limit:
   exported graph is exactly the PyTorch computation. ``tests/test_export.py`` and
   ``training.verify`` check batch sizes and lengths other than the traced ones.
 * The generator's transposed convolutions are then rewritten as sub-pixel
-  convolutions, which ONNX Runtime's CPU kernels run 1.5× faster for the same
+  convolutions, which ONNX Runtime's CPU kernels run 1.6× faster for the same
   arithmetic (``training.subpixel``).
 """
 

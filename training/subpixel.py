@@ -12,7 +12,7 @@ The arithmetic is the same; where it runs is not. ONNX Runtime's CPU
 ``ConvTranspose`` is a matrix product per image followed by a scalar col2im
 scatter, while ``Conv`` runs in its blocked (NCHWc) convolution kernels, and an
 activation right after a ``Conv`` is fused into it. For the generator on two
-cores, 256 rows: 53 ms against 82 ms (``docs/benchmarks.md``, fifth round).
+cores, 256 rows: 55 ms against 89 ms (``docs/benchmarks.md``, fifth round).
 
 Two more steps keep data out of the interleave, which is a plain memory shuffle
 and costs as much as a convolution here:
