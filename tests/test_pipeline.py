@@ -29,6 +29,7 @@ from models.artifacts import (
     WEIGHTS_FILE,
     load_artifact,
     staged_artifact,
+    update_metadata,
 )
 from models.registry import (
     MNIST_CLASSIFIER,
@@ -209,11 +210,17 @@ def test_a_variant_that_loses_accuracy_fails_the_check_and_is_dropped_on_write(m
     --write drops it and records why."""
     spec = get_spec(MNIST_CLASSIFIER)
     directory = spec.artifact_dir(mnist_root)
-    config = load_artifact(directory).config
+    artifact = load_artifact(directory)
     torch.manual_seed(1)
-    unrelated = export.quantize_int8(export.export_onnx(spec, spec.build(config), config))
+    unrelated = export.quantize_int8(
+        export.export_onnx(spec, spec.build(artifact.config), artifact.config)
+    )
     with staged_artifact(directory) as staging:
         onnx.save_model(unrelated, staging / ONNX_INT8_FILE)
+        # Released as a variant, whether or not the quick run's own INT8 graph was kept.
+        onnx_section = artifact.metadata["onnx"]
+        files = {**onnx_section["files"], "int8": ONNX_INT8_FILE}
+        update_metadata(staging, onnx={**onnx_section, "files": files})
     before = snapshot(directory)
     common = ["--model", MNIST_CLASSIFIER, "--artifacts-dir", str(mnist_root),
               "--data-dir", str(DATA_DIR), "--quick", "--threads", "1"]  # fmt: skip
