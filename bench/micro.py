@@ -47,6 +47,7 @@ from models.registry import DIGIT_GENERATOR, artifacts_root, get_spec
 from service.imaging import encode_png, grid_canvas, load_image, open_image
 from service.requests import SentimentInput, parse_form, parse_json
 from service.schemas import DigitPrediction
+from service.settings import current_settings
 from service.traffic_metrics import BentoTrafficMetrics, RouteTrafficMetrics
 
 BATCH = 64  # images per model call under load (the CPU default max_batch_size)
@@ -253,7 +254,7 @@ def measure(data_dir: Path, repeat: int) -> list[tuple[str, float, float]]:
 def generator_row(repeat: int) -> tuple[str, float, float]:
     """The released generator as the exporter writes it and as it is released
     (``training.subpixel``), per n=16 request, in batches of ``GENERATOR_BATCH`` rows
-    with the service's default thread count for one worker (every core)."""
+    with the intra-op threads the service gives the generator (``service.settings``)."""
     from training.export import export_onnx  # torch: imported only for this row
 
     spec = get_spec(DIGIT_GENERATOR)
@@ -270,7 +271,8 @@ def generator_row(repeat: int) -> tuple[str, float, float]:
             strict=True,
         )
     )
-    sessions = [open_session(graph, threads=os.cpu_count()) for graph in graphs]
+    threads = current_settings().threads_per_model("generate")
+    sessions = [open_session(graph, threads=threads) for graph in graphs]
     for session in sessions:
         session.run(None, feeds)  # warm up
     # Interleaved, so a change in the machine's load falls on both graphs alike.

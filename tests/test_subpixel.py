@@ -160,7 +160,7 @@ def test_a_tensor_read_elsewhere_is_still_produced():
         {"pads": [0, 0, 0, 0]},
         {"kernel_shape": [3, 3]},
         {"output_padding": [1, 1]},
-        {"group": 1, "dilations": [2, 2]},
+        {"dilations": [2, 2]},
     ],
 )
 def test_other_transposed_convolutions_are_left_alone(attributes):

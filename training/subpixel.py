@@ -194,6 +194,8 @@ class _Rewriter:
             self.absorbed.add(id(activation))
             result = activation.output[0]
 
+        # Every phase adds the same per-channel bias.
+        bias_name = self.constant(bias, f"{prefix}_phase_bias")
         nodes, phases = [], []
         for index, ((row, column), kernel) in enumerate(
             zip(PHASES, phase_kernels(weight), strict=True)
@@ -206,7 +208,7 @@ class _Rewriter:
                     [
                         node.input[0],
                         self.constant(kernel, f"{prefix}_phase{index}_weight"),
-                        self.constant(bias, f"{prefix}_phase{index}_bias"),
+                        bias_name,
                     ],
                     [phase],
                     name=phase,
