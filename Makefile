@@ -12,7 +12,7 @@ PORT ?= 3000
 CHROMIUM ?= /usr/bin/chromium
 CHROMEDRIVER ?= /usr/bin/chromedriver
 
-.PHONY: setup test browser serve register lint format bench bench-gpu bench-peers clean \
+.PHONY: setup test browser serve register lint format bench bench-gpu bench-peers bench-soak clean \
 	container container-test
 
 setup: $(INSTALLED)
@@ -63,6 +63,11 @@ bench: $(INSTALLED)
 # against itself before the lean request path, with the targets; bench-results/peers/.
 bench-peers: $(INSTALLED)
 	$(BIN)/python -m bench.run --set peers $(BENCH_ARGS)
+
+# Memory under steady load: a mixed load, then each endpoint alone, 30 minutes each
+# (about 2 h 10 min); worker RSS against requests served, in bench-results/soak/.
+bench-soak: $(INSTALLED)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 # GPU comparisons and the throughput/latency targets (needs CUDA).
 bench-gpu: $(INSTALLED)

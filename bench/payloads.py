@@ -3,7 +3,9 @@
 * classify: MNIST *test* digits encoded as PNG files in memory, sent as
   ``multipart/form-data`` (one image per request, or many for the batch form);
 * sentiment: SST-2 *test* sentences as JSON;
-* generate: JSON requests for ``n`` digits returned as one PNG grid.
+* generate: JSON requests for ``n`` digits returned as one PNG grid;
+* mixed: the three endpoints in turn (classify, sentiment, generate n=4), the
+  steady traffic of a soak (``bench.soak``).
 
 Every body is encoded to bytes here, so a load generator only copies bytes to
 a socket; encoding a multipart form per request would cost the client more
@@ -43,6 +45,8 @@ IDX_IMAGES_MAGIC = 2051
 DEFAULT_POOL_SIZE = 512
 BATCH_IMAGES = 1024
 MAX_GENERATE = 16
+# The images each /generate request of the mixed workload asks for.
+MIXED_GENERATE_N = 4
 
 
 @dataclass(frozen=True)
@@ -139,17 +143,25 @@ def generate_workload(n_values: Sequence[int], pool: int, seed: int = 0) -> Work
     return Workload(name, GENERATE_PATH, requests)
 
 
+def mixed_workload(parts: Sequence[Workload]) -> Workload:
+    """The requests of ``parts`` interleaved, an equal number from each, so that a
+    client picking at random sends each endpoint the same share of requests."""
+    count = min(len(part.requests) for part in parts)
+    requests = tuple(part.requests[i] for i in range(count) for part in parts)
+    return Workload("mixed", "mixed", requests)
+
+
 def check_workload_name(name: str) -> str:
     """Return ``name`` if ``build_workloads`` knows it, else raise ``ValueError``."""
     for prefix in ("classify-", "generate-"):
         suffix = name.removeprefix(prefix)
         if suffix != name and ((suffix.isdigit() and int(suffix) > 0) or name == "generate-mixed"):
             return name
-    if name in ("classify", "sentiment"):
+    if name in ("classify", "sentiment", "mixed"):
         return name
     raise ValueError(
         f"unknown workload {name!r}; known: classify, classify-<k>, sentiment, "
-        "generate-<n>, generate-mixed"
+        "generate-<n>, generate-mixed, mixed"
     )
 
 
@@ -162,15 +174,20 @@ def build_workloads(
     """Every known workload by name (or just ``names``), each a pool of ready requests.
 
     Names: ``classify``, ``classify-<k>`` (one request carrying ``k`` digits),
-    ``sentiment``, ``generate-<n>`` (fixed ``n``) and ``generate-mixed``
-    (``n`` from 1 to 16).
+    ``sentiment``, ``generate-<n>`` (fixed ``n``), ``generate-mixed``
+    (``n`` from 1 to 16) and ``mixed`` (classify, sentiment and generate-4 in turn).
     """
     data_dir = data_dir or default_data_dir()
     wanted = list(names) if names else ["classify", "sentiment", "generate-16", "generate-mixed"]
     workloads: dict[str, Workload] = {}
     pngs: list[bytes] | None = None
     for name in map(check_workload_name, wanted):
-        if name.startswith("classify"):
+        if name == "mixed":
+            parts = ["classify", "sentiment", f"generate-{MIXED_GENERATE_N}"]
+            workloads[name] = mixed_workload(
+                list(build_workloads(data_dir, parts, pool_size, batch_images).values())
+            )
+        elif name.startswith("classify"):
             if pngs is None:
                 digits = read_mnist_test_digits(data_dir, max(pool_size, batch_images))
                 pngs = [png_bytes(pixels) for pixels in digits]
