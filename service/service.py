@@ -35,6 +35,7 @@ import gc
 import logging
 import secrets
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import bentoml
@@ -58,6 +59,7 @@ from service.backends import (
 from service.batching import AdaptiveBatcher, QueueFull
 from service.connections import install as install_connection_limits
 from service.errors import Location, Problem, RequestError, ServiceBusy
+from service.heap_snapshots import HeapSnapshots
 from service.http import IMAGE_TYPES, IN_FLIGHT, JSON, MULTIPART, PNG, ApiGate, Reply
 from service.imaging import ImageError, decoded_pixels, encode_png, grid_png
 from service.inference import (
@@ -211,6 +213,10 @@ class ServingService:
         # under load walks only what requests allocate instead of pausing every
         # request for the whole heap.
         gc.freeze()
+        if settings.heap_snapshot_dir:
+            HeapSnapshots(
+                Path(settings.heap_snapshot_dir), settings.heap_snapshot_interval_s
+            ).start()
 
     @bentoml.on_deployment
     def check_configuration() -> None:

@@ -63,6 +63,12 @@ Logging
                                     off: BentoML records a span per request and per body chunk
                                     even when no exporter is configured, about a quarter of
                                     the event loop's time; turn on with a tracing exporter)
+
+Diagnostics (off by default; see service.heap_snapshots)
+    SERVING_HEAP_SNAPSHOT_DIR       each worker traces its Python heap and writes a
+                                    tracemalloc snapshot into this folder at intervals
+    SERVING_HEAP_SNAPSHOT_INTERVAL_S
+                                    seconds between two snapshots (default 60)
 """
 
 from __future__ import annotations
@@ -204,6 +210,8 @@ class Settings:
     log_level: str = "INFO"
     access_log: bool = False
     tracing: bool = False
+    heap_snapshot_dir: str | None = None
+    heap_snapshot_interval_s: float = 60.0
     # Old variable names found in the environment (see RENAMED_MODEL_SETTINGS).
     renamed_in_use: tuple[str, ...] = ()
 
@@ -282,6 +290,8 @@ class Settings:
             ).upper(),
             access_log=env.flag("ACCESS_LOG", False),
             tracing=env.flag("TRACING", False),
+            heap_snapshot_dir=env.text("HEAP_SNAPSHOT_DIR", None),
+            heap_snapshot_interval_s=env.number("HEAP_SNAPSHOT_INTERVAL_S", 60.0, minimum=1.0),
             renamed_in_use=tuple(old for old in RENAMED_MODEL_SETTINGS if old in environ),
         )
 
