@@ -72,6 +72,8 @@ from service.inference import (
 from service.memory import PixelBudget, RequestPixels, return_freed_memory_promptly
 from service.metrics import endpoint_metrics, use_instance_folder
 from service.model_store import check_store_entries, load_stored_artifact, served_model_tags
+from service.request_timeout import check_installed as check_request_timeout
+from service.request_timeout import install as install_request_timeout
 from service.requests import (
     GenerateInput,
     SentimentBatchInput,
@@ -113,6 +115,8 @@ SETTINGS = current_settings()
 install_connection_limits(SETTINGS.connections)
 # Before the worker builds its ASGI app: BentoML's request metrics, children cached.
 install_route_traffic_metrics()
+# Before the worker builds its ASGI app: a request timeout that keeps no timer per request.
+install_request_timeout()
 TAGS = served_model_tags({key: SETTINGS.models[key].tag for key in MODEL_KEYS})
 check_store_entries(TAGS.values())
 
@@ -169,6 +173,7 @@ class ServingService:
     def __init__(self) -> None:
         settings = SETTINGS
         _configure_logging(settings.log_level)
+        check_request_timeout()
         for old in settings.renamed_in_use:
             log.warning("%s is deprecated: use %s", old, RENAMED_MODEL_SETTINGS[old])
         self.device = resolve_device(settings.device)

@@ -1,0 +1,110 @@
+"""The request timeout (``SERVING_REQUEST_TIMEOUT_S``), without a timer kept per request.
+
+BentoML answers a request that has not started its response within
+``traffic.timeout`` with a 504, in its ``TimeoutMiddleware``. That middleware
+schedules one timer per request with ``loop.call_later`` and never cancels
+it: the timer, and the future it holds, live for the whole timeout after the
+request was answered. At 2,000 requests/s and the 60 s default that is about
+120,000 dead timers in every worker, which ``tracemalloc`` snapshots of a
+worker under load name as the one growing site, and which took the worker's
+resident memory from 268 MiB to 374 MiB in its first minute of load
+(``docs/operations.md``, "Memory per worker").
+
+``RequestTimeout`` keeps BentoML's behaviour (the same setting; a response
+not started in time is cancelled and answered 504, now in the service's error
+shape; once a response has started it may take as long as it needs) with an
+``asyncio.timeout`` whose timer is cancelled as soon as the response starts,
+and it needs no extra task or future per request.
+
+BentoML offers no public way to replace its middleware, and ``traffic.timeout``
+must be positive, so ``install`` replaces the class in BentoML's module
+before the worker builds its app. BentoML looks the class up there each time
+it builds the app, so the replacement takes effect; ``check_installed``
+refuses to start a worker where that is no longer so, naming the installed
+BentoML version, and ``tests/test_memory.py`` checks the app BentoML builds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from importlib.metadata import version
+from typing import Any
+
+import orjson
+from bentoml._internal.server.http import traffic
+
+from service.errors import error_body
+
+TIMED_OUT_STATUS = 504
+# The class ``install`` replaces (kept for the test that watches for BentoML's fix).
+BENTOML_TIMEOUT_MIDDLEWARE = traffic.TimeoutMiddleware
+
+
+class RequestTimeout:
+    """ASGI middleware: a request whose response has not started after ``timeout``
+    seconds is cancelled and answered 504."""
+
+    def __init__(self, app: Any, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        started = False
+        deadline = asyncio.timeout(self.timeout)
+
+        async def send_and_stop_the_clock(message: dict) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                deadline.reschedule(None)  # cancels the timer: nothing outlives the request
+            await send(message)
+
+        try:
+            async with deadline:
+                await self.app(scope, receive, send_and_stop_the_clock)
+        except TimeoutError:
+            if not deadline.expired() or started or scope["type"] != "http":
+                raise  # the app's own TimeoutError, or too late for another answer
+            await _send_timed_out(send, self.timeout)
+
+
+async def _send_timed_out(send: Any, timeout: float) -> None:
+    message = f"the request was not answered within {timeout:g} seconds (SERVING_REQUEST_TIMEOUT_S)"
+    body = orjson.dumps(error_body("timeout", message))
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": TIMED_OUT_STATUS, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class HookNotInEffect(RuntimeError):
+    """BentoML no longer builds its request timeout the way ``install`` expects."""
+
+
+def install() -> None:
+    """Have BentoML build ``RequestTimeout`` where it builds its ``TimeoutMiddleware``."""
+    traffic.TimeoutMiddleware = RequestTimeout
+
+
+def check_installed() -> None:
+    """Raise ``HookNotInEffect`` unless the app BentoML builds will use ``RequestTimeout``:
+    without it every worker would keep a timer per request for the whole timeout."""
+    from bentoml._internal.server import base_app
+
+    builds_from_module = "from .http.traffic import TimeoutMiddleware" in inspect.getsource(
+        base_app.BaseAppFactory
+    )
+    if traffic.TimeoutMiddleware is not RequestTimeout or not builds_from_module:
+        raise HookNotInEffect(
+            "service.request_timeout: BentoML "
+            f"{version('bentoml')} no longer builds its request timeout from "
+            "bentoml._internal.server.http.traffic.TimeoutMiddleware, so the replacement "
+            "that cancels each request's timer is not in effect; use the BentoML version "
+            "pinned in pyproject.toml"
+        )
