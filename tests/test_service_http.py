@@ -45,6 +45,7 @@ MAX_BODY = 1024 * 1024
 MAX_TEXT = 500
 HEADER_TIMEOUT_S = 2
 MAX_CONNECTIONS = 300  # above the 256-client test
+REQUEST_TIMEOUT_S = 8  # well above any test's request, below the 60 s default
 SERVER_ENV = {
     "SERVING_DEVICE": "cpu",
     "SERVING_THREADS": "1",
@@ -54,6 +55,7 @@ SERVER_ENV = {
     "SERVING_MAX_TEXT_CHARS": str(MAX_TEXT),
     "SERVING_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
     "SERVING_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+    "SERVING_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
 }
 RAW_SENTENCES = [
     ("What a wonderful, moving film. I loved every minute of it!", "positive"),
@@ -281,6 +283,19 @@ def test_a_head_that_trickles_in_gets_408_and_the_connection_closes(server):
     status, error = _status_and_error(response)
     assert status == 408 and error["detail"][0]["type"] == "request_timeout"
     assert time.monotonic() - started < HEADER_TIMEOUT_S + 5
+
+
+def test_a_body_that_never_arrives_gets_504_after_the_request_timeout(server):
+    head = (
+        b"POST /sentiment HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\nConnection: close\r\n\r\n"
+    )
+    started = time.monotonic()
+    status, error = _status_and_error(_raw_exchange(server, head + b'{"text": "the rest'))
+    waited = time.monotonic() - started
+    assert status == 504 and error["detail"][0]["type"] == "timeout", error
+    assert REQUEST_TIMEOUT_S <= waited < REQUEST_TIMEOUT_S + 5
+    assert server.post_json("/sentiment", {"text": "fine"})[0] == 200
 
 
 def test_connections_beyond_the_cap_get_503_and_the_server_keeps_serving(server):
