@@ -70,6 +70,7 @@ class PhaseResult:
     samples: list[Sample] = field(default_factory=list)
     load: dict = field(default_factory=dict)  # the load generator's summary
     heap_snapshots: str | None = None
+    label: str = ""  # the plot's legend; the workload when empty
 
     def at(self, elapsed_s: float) -> Sample:
         """The first sample at or after ``elapsed_s`` (the last one if none is)."""
@@ -198,7 +199,7 @@ def plot(results: list[PhaseResult], path: Path) -> None:
     for result in results:
         requests = [s.requests / 1e6 for s in result.samples]
         line = axis.plot(requests, [s.worker_rss_mib for s in result.samples],
-                         label=f"{result.workload} (worker)")[0]  # fmt: skip
+                         label=result.label or result.workload)[0]  # fmt: skip
         warm = result.at(result.warmup_minutes * 60)
         axis.plot([warm.requests / 1e6], [warm.worker_rss_mib], "o", color=line.get_color())
     axis.set_xlabel("requests served (millions)")
@@ -209,6 +210,18 @@ def plot(results: list[PhaseResult], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def load_phases(report: Path) -> list[PhaseResult]:
+    """The phases of a ``soak.json``, labelled with the revision that served them."""
+    data = json.loads(report.read_text())
+    phases = []
+    for phase in data["phases"]:
+        fields = {k: v for k, v in phase.items() if k not in ("summary", "samples")}
+        result = PhaseResult(**fields, samples=[Sample(**s) for s in phase["samples"]])
+        result.label = f"{result.workload} at {data['revision']}"
+        phases.append(result)
+    return phases
 
 
 def write_markdown(results: list[PhaseResult], meta: dict, path: Path) -> None:
@@ -248,11 +261,15 @@ def machine_summary() -> str:
 
 
 def git_revision() -> str:
+    """The checkout's commit, with "+changes" when tracked files differ from it."""
     import subprocess
 
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                          capture_output=True, text=True)  # fmt: skip
-    return done.stdout.strip() or "unknown"
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def parse_env(value: str) -> tuple[str, str]:
@@ -279,10 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-processes", type=int, default=default_client_processes())
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench-results" / "soak")
+    parser.add_argument("--replot", type=Path, nargs="+", metavar="SOAK_JSON",
+                        help="only draw these reports' phases in one plot, e.g. before "
+                        "and after a change")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     output_dir = args.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        plot([p for report in args.replot for p in load_phases(report)],
+             output_dir / "rss_vs_requests.png")  # fmt: skip
+        return 0
     meta = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m bench.soak " + shlex.join(argv if argv is not None else sys.argv[1:]),
