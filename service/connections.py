@@ -24,10 +24,11 @@ own httptools protocol with those gaps closed:
   socket; requests in flight finish and are answered with ``Connection:
   close``; whatever is still open ``drain_s`` after the signal is closed.
 
-Every refusal has the service's JSON error shape. ``install`` makes uvicorn
-use this protocol: ``bentoml serve`` builds uvicorn's configuration itself,
-with ``http="auto"``, so the protocol named by that key is replaced before the
-worker's server starts (the service module is imported first).
+Every refusal has the service's JSON error shape. ``bentoml serve`` builds
+uvicorn's configuration itself, with ``http="auto"``, so
+``service.framework_hooks`` names this protocol under that key before the
+worker's server starts (the service module is imported first), with the
+limits from the settings.
 """
 
 from __future__ import annotations
@@ -208,11 +209,3 @@ class _HeadDeadlines:
             loop.call_later(1.0, cls._sweep, loop, connections)
         else:
             cls._running = False
-
-
-def install(limits: ConnectionLimits) -> None:
-    """Make uvicorn's ``http="auto"`` (what ``bentoml serve`` uses) this protocol."""
-    from uvicorn import config
-
-    GuardedHttpProtocol.limits = limits
-    config.HTTP_PROTOCOLS["auto"] = f"{__name__}:GuardedHttpProtocol"

@@ -17,18 +17,13 @@ shape; once a response has started it may take as long as it needs) with an
 and it needs no extra task or future per request.
 
 BentoML offers no public way to replace its middleware, and ``traffic.timeout``
-must be positive, so ``install`` replaces the class in BentoML's module
-before the worker builds its app. BentoML looks the class up there each time
-it builds the app, so the replacement takes effect; ``check_installed``
-refuses to start a worker where that is no longer so, naming the installed
-BentoML version, and ``tests/test_memory.py`` checks the app BentoML builds.
+must be positive, so ``service.framework_hooks`` puts this class where BentoML
+looks its own up, and checks at start-up that it is used.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-from importlib.metadata import version
 from typing import Any
 
 import orjson
@@ -37,7 +32,7 @@ from bentoml._internal.server.http import traffic
 from service.errors import error_body
 
 TIMED_OUT_STATUS = 504
-# The class ``install`` replaces (kept for the test that watches for BentoML's fix).
+# The class this one replaces (kept for the test that watches for BentoML's fix).
 BENTOML_TIMEOUT_MIDDLEWARE = traffic.TimeoutMiddleware
 
 
@@ -81,30 +76,3 @@ async def _send_timed_out(send: Any, timeout: float) -> None:
     ]
     await send({"type": "http.response.start", "status": TIMED_OUT_STATUS, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-class HookNotInEffect(RuntimeError):
-    """BentoML no longer builds its request timeout the way ``install`` expects."""
-
-
-def install() -> None:
-    """Have BentoML build ``RequestTimeout`` where it builds its ``TimeoutMiddleware``."""
-    traffic.TimeoutMiddleware = RequestTimeout
-
-
-def check_installed() -> None:
-    """Raise ``HookNotInEffect`` unless the app BentoML builds will use ``RequestTimeout``:
-    without it every worker would keep a timer per request for the whole timeout."""
-    from bentoml._internal.server import base_app
-
-    builds_from_module = "from .http.traffic import TimeoutMiddleware" in inspect.getsource(
-        base_app.BaseAppFactory
-    )
-    if traffic.TimeoutMiddleware is not RequestTimeout or not builds_from_module:
-        raise HookNotInEffect(
-            "service.request_timeout: BentoML "
-            f"{version('bentoml')} no longer builds its request timeout from "
-            "bentoml._internal.server.http.traffic.TimeoutMiddleware, so the replacement "
-            "that cancels each request's timer is not in effect; use the BentoML version "
-            "pinned in pyproject.toml"
-        )

@@ -46,6 +46,7 @@ from starlette.responses import Response
 from models.preprocessing import pixels_from_normalized
 from models.registry import get_spec
 from models.tokenizer import Vocabulary
+from service import framework_hooks
 from service.backends import (
     Device,
     Placement,
@@ -57,7 +58,6 @@ from service.backends import (
     use_torch_threads,
 )
 from service.batching import AdaptiveBatcher, QueueFull
-from service.connections import install as install_connection_limits
 from service.errors import Location, Problem, RequestError, ServiceBusy
 from service.heap_snapshots import HeapSnapshots
 from service.http import IMAGE_TYPES, IN_FLIGHT, JSON, MULTIPART, PNG, ApiGate, Reply
@@ -70,10 +70,8 @@ from service.inference import (
     TimedPredictor,
 )
 from service.memory import PixelBudget, RequestPixels, return_freed_memory_promptly
-from service.metrics import endpoint_metrics, use_instance_folder
+from service.metrics import endpoint_metrics
 from service.model_store import check_store_entries, load_stored_artifact, served_model_tags
-from service.request_timeout import check_installed as check_request_timeout
-from service.request_timeout import install as install_request_timeout
 from service.requests import (
     GenerateInput,
     SentimentBatchInput,
@@ -103,20 +101,14 @@ from service.settings import (
     resolve_backend,
     resolve_precision,
 )
-from service.traffic_metrics import install as install_route_traffic_metrics
 from service.webpage import PAGE_PATH, page_app
 
 log = logging.getLogger("service")
 
-# Before `bentoml serve` prepares its metrics folder: one folder per running service.
-use_instance_folder()
 SETTINGS = current_settings()
-# Before the worker's HTTP server starts: limits on headers, connections and shutdown.
-install_connection_limits(SETTINGS.connections)
-# Before the worker builds its ASGI app: BentoML's request metrics, children cached.
-install_route_traffic_metrics()
-# Before the worker builds its ASGI app: a request timeout that keeps no timer per request.
-install_request_timeout()
+# Before `bentoml serve` prepares its metrics folder and a worker builds its app and
+# HTTP server: the pieces of BentoML and uvicorn the service replaces.
+framework_hooks.install(SETTINGS)
 TAGS = served_model_tags({key: SETTINGS.models[key].tag for key in MODEL_KEYS})
 check_store_entries(TAGS.values())
 
@@ -173,7 +165,7 @@ class ServingService:
     def __init__(self) -> None:
         settings = SETTINGS
         _configure_logging(settings.log_level)
-        check_request_timeout()
+        framework_hooks.check()
         for old in settings.renamed_in_use:
             log.warning("%s is deprecated: use %s", old, RENAMED_MODEL_SETTINGS[old])
         self.device = resolve_device(settings.device)
@@ -225,9 +217,11 @@ class ServingService:
 
     @bentoml.on_deployment
     def check_configuration() -> None:
-        """Before any worker starts: every model is in the store, verified, and can run
-        as configured; otherwise ``bentoml serve`` stops here with the reason, instead
-        of restarting workers that fail one after another."""
+        """Before any worker starts: the framework hooks are in effect, and every model
+        is in the store, verified, and can run as configured; otherwise ``bentoml
+        serve`` stops here with the reason, instead of restarting workers that fail
+        one after another."""
+        framework_hooks.check()
         device = resolve_device(SETTINGS.device)
         for key, name in MODEL_KEYS.items():
             stored = bentoml.models.get(TAGS[key])  # BentoML has resolved it already

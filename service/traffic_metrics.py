@@ -18,10 +18,9 @@ pair once: a request then costs the observations themselves. Only the
 service's API routes are cached, so the cache is bounded; any other path, and
 websockets, take BentoML's own code.
 
-``install`` makes BentoML build this class where it would build its own; it
-must run before the worker builds its ASGI app (``service.service`` calls it on
-import). BentoML is pinned to one version in pyproject.toml, and
-``tests/test_service_http.py`` reads the metrics back from a running server.
+``service.framework_hooks`` makes BentoML build this class where it would
+build its own, and checks at start-up that it does; ``tests/test_service_http.py``
+reads the metrics back from a running server.
 """
 
 from __future__ import annotations
@@ -106,8 +105,3 @@ class RouteTrafficMetrics(BentoTrafficMetrics):
         )
         route.by_status[status] = children
         return children
-
-
-def install() -> None:
-    """Have BentoML build ``RouteTrafficMetrics`` for its request metrics (idempotent)."""
-    instruments.RunnerTrafficMetricsMiddleware = RouteTrafficMetrics

@@ -144,14 +144,15 @@ def service_app(model_store):
         traffic["timeout"] = configured
 
 
-def test_bentoml_builds_the_replacement_request_timeout(service_app):
+def test_bentoml_builds_the_service_s_replacements(service_app):
     from bentoml._internal.server.http.traffic import MaxConcurrencyMiddleware
 
     from service.request_timeout import BENTOML_TIMEOUT_MIDDLEWARE, RequestTimeout
+    from service.traffic_metrics import BentoTrafficMetrics, RouteTrafficMetrics
 
     classes = [middleware.cls for middleware in service_app.user_middleware]
-    assert RequestTimeout in classes
-    assert BENTOML_TIMEOUT_MIDDLEWARE not in classes
+    assert RequestTimeout in classes and RouteTrafficMetrics in classes
+    assert BENTOML_TIMEOUT_MIDDLEWARE not in classes and BentoTrafficMetrics not in classes
     assert MaxConcurrencyMiddleware not in classes  # no other traffic limit set
     [timeout] = [m.kwargs for m in service_app.user_middleware if m.cls is RequestTimeout]
     assert timeout == {"timeout": TEST_TIMEOUT_S}
