@@ -41,7 +41,7 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.errors import error_body
-from service.settings import ConnectionLimits
+from service.settings import Settings
 
 # How long a refused connection is read (and the bytes dropped) before it is closed.
 LINGER_S = 2.0
@@ -68,7 +68,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     size and count are checked once, when the head is complete.
     """
 
-    limits = ConnectionLimits()
+    limits = Settings.from_env({}).connections  # the declared defaults until installed
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -248,11 +248,11 @@ class ServingService:
                 max_batch_size=batching[endpoint].max_batch_size,
                 max_latency_ms=batching[endpoint].max_latency_ms,
                 max_queue_items=SETTINGS.max_queue_items,
-                isolate_requests=not (SETTINGS.batching_enabled and shareable),
+                isolate_requests=not (SETTINGS.batching and shareable),
                 arriving_requests=lambda routes=routes: IN_FLIGHT.count(routes),
                 observe_batch=self.metrics[endpoint].observe_batch_size,
             )
-        if not generator_shares and SETTINGS.batching_enabled:
+        if not generator_shares and SETTINGS.batching:
             log.warning(
                 "generate: the generator's outputs depend on the batch composition on this "
                 "backend, so each /generate request runs alone to keep seeds reproducible"
