@@ -8,7 +8,7 @@ For each model it loads the artifact (``models/artifacts`` or
 ``--artifacts-dir``), builds every predictor the device supports (PyTorch fp32,
 fp16 on CUDA; ONNX Runtime fp32 and the fp16/int8 variants where exported),
 checks its outputs against PyTorch fp32 on the same batch and reports the
-median latency of one model call per batch size. ``service.settings.AUTO_BACKEND``
+median latency of one model call per batch size. Each model's ``ModelSpec.serving``
 records which backend won; rerun this on new hardware before changing it.
 """
 

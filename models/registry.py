@@ -21,7 +21,7 @@ import importlib
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +84,51 @@ EXAMPLE_LENGTH = 5
 ExampleInputs = Callable[[Mapping[str, Any], int, int, int], tuple[np.ndarray, ...]]
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How the service's batcher forms this model's batches on one kind of device."""
+
+    max_batch_size: int
+    max_latency_ms: float
+
+
+@dataclass(frozen=True)
+class Serving:
+    """How the service runs a model unless its settings say otherwise, per device type
+    (``cpu`` or ``cuda``). Every default below was chosen by measurement.
+
+    Backend, measured with ``python -m bench.measure_backends`` (1 thread, median ms
+    per call at batch 1 / 64): mnist-cnn torch 0.64 / 27.9, onnx 0.10 / 5.1;
+    sst2-bilstm torch 0.72 / 12.7, onnx 0.31 / 11.9; digit-gan torch 1.39 / 32.2,
+    onnx 0.49 / 29.4; so ONNX Runtime on the CPU. The kept int8 graphs are faster
+    still (sst2-bilstm 0.16 / 6.1 ms) but not bit-faithful, so they are opt-in. On
+    CUDA the default is PyTorch in half precision; it is not measured here (no GPU):
+    run the same command on the GPU and override where ONNX wins.
+
+    Batching, measured on the 2-core CPU machine (ONNX Runtime, 1 worker,
+    ``python -m bench.run --url ... --concurrency 64|256``, requests/s for classify /
+    sentiment / generate n=1): at 64 clients batch 8: 1051 / 999 / 841, 16: 952 /
+    1112 / 1010, 32: 1112 / 1285 / 1122, 64: 1156 / 1280 / 910; at 256 clients batch
+    32: 930 / 1072 / 909, 64: 1048 / 1227 / 894, 128: 938 / 1003 / 875; a wait of
+    0 ms: 1100 / 1326 / 819, 2 ms: 1156 / 1280 / 910, 5 ms: 929 / 1152 / 1015;
+    batching off: 566 / 487 / 393. 64 items and 2 ms are best or within noise
+    everywhere. The CUDA defaults are not measured (no GPU): larger batches cost a
+    GPU almost nothing.
+    """
+
+    backend: Mapping[str, str] = field(default_factory=lambda: {"cpu": "onnx", "cuda": "torch"})
+    batching: Mapping[str, Batching] = field(
+        default_factory=lambda: {"cpu": Batching(64, 2.0), "cuda": Batching(256, 2.0)}
+    )
+    # Whether the model's intra-op pool leaves one of the worker's cores to its event
+    # loop: for a model whose batches are many small sequential steps, where a second
+    # thread only adds hand-offs.
+    spare_core: bool = False
+
+    def device_type(self, device_type: str) -> str:
+        return "cuda" if device_type == "cuda" else "cpu"
+
+
 def _import(path: str) -> Any:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -114,6 +159,7 @@ class ModelSpec:
     # or drops each by its recorded criteria).
     variants: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
+    serving: Serving = field(default_factory=Serving)
 
     def example_inputs(
         self,
@@ -251,6 +297,8 @@ REGISTRY: dict[str, ModelSpec] = {
             # instead (85.8 against 84.3 % dev accuracy, same seed and teachers), and
             # on a GPU the service runs the model in PyTorch fp16 (cuDNN's LSTM) anyway.
             variants=("int8",),
+            # A second intra-op thread gave 0.93× the requests/s: the core goes to HTTP.
+            serving=Serving(spare_core=True),
             onnx=OnnxSignature(
                 inputs=("token_ids", "lengths"),
                 outputs=("logits",),
@@ -278,6 +326,10 @@ REGISTRY: dict[str, ModelSpec] = {
             # No INT8 candidate: the bulk of the generator is transposed convolutions,
             # which dynamic quantization does not cover.
             variants=("fp16",),
+            # The generator's cost is all model (about 0.5 ms a row): bigger batches
+            # amortise its per-call overhead, 1.22× requests/s for n=16 at 64 clients
+            # with 256 items against 64.
+            serving=Serving(batching={"cpu": Batching(256, 2.0), "cuda": Batching(256, 2.0)}),
             onnx=OnnxSignature(
                 inputs=("latent", "labels"),
                 outputs=("images",),

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from models.devices import DEVICE_NAMES, DeviceError, valid_device_name
-from models.registry import REGISTRY
+from models.registry import REGISTRY, Batching, ModelSpec
 
 PREFIX = "SERVING_"
 
@@ -27,6 +27,13 @@ PREFIX = "SERVING_"
 # The batch routes (/classify_batch, /sentiment_batch) share their model's name.
 MODEL_KEYS: dict[str, str] = {spec.endpoints[0]: spec.name for spec in REGISTRY.values()}
 ENDPOINTS = tuple(MODEL_KEYS)
+
+
+def model_spec(key: str) -> ModelSpec:
+    """The spec of the model that serves endpoint ``key``."""
+    return REGISTRY[MODEL_KEYS[key]]
+
+
 # The per-model settings were first named after the model; a deployment may still
 # set the old names, which keep working (the new name wins) with a warning.
 RENAMED_MODEL_SETTINGS = {
@@ -37,58 +44,6 @@ RENAMED_MODEL_SETTINGS = {
 
 BACKENDS = ("torch", "onnx")
 PRECISIONS = ("fp32", "fp16", "int8")
-
-# The backend ``auto`` resolves to, per device type and model. Measured with
-# ``python -m bench.measure_backends`` (1 thread, median ms per call at batch 1 / 64):
-#   mnist-cnn    torch 0.64 / 27.9   onnx 0.10 / 5.1
-#   sst2-bilstm  torch 0.72 / 12.7   onnx 0.31 / 11.9
-#   digit-gan    torch 1.39 / 32.2   onnx 0.49 / 29.4
-# so ONNX Runtime on the CPU. The kept int8 graphs are faster still (sst2-bilstm
-# 0.16 / 6.1 ms) but not bit-faithful, so they are opt-in (SERVING_<ENDPOINT>_PRECISION=int8).
-# On CUDA the default is PyTorch in half precision under inference mode; it is not
-# measured here (no GPU): run the same command on the GPU and override where ONNX wins.
-AUTO_BACKEND: dict[str, dict[str, str]] = {
-    "cpu": {"classify": "onnx", "sentiment": "onnx", "generate": "onnx"},
-    "cuda": {"classify": "torch", "sentiment": "torch", "generate": "torch"},
-}
-
-
-@dataclass(frozen=True)
-class BatchingConfig:
-    """How one endpoint's batcher forms batches."""
-
-    max_batch_size: int
-    max_latency_ms: float
-
-
-# Defaults per endpoint, chosen from measurements on the 2-core CPU machine (ONNX Runtime,
-# 1 worker, `python -m bench.run --url ... --concurrency 64|256`, requests/s for
-# classify / sentiment / generate n=1):
-#   64 clients:  batch  8: 1051 / 999 / 841    16: 952 / 1112 / 1010
-#                batch 32: 1112 / 1285 / 1122  64: 1156 / 1280 / 910
-#   256 clients: batch 32: 930 / 1072 / 909    64: 1048 / 1227 / 894   128: 938 / 1003 / 875
-#   wait 0 ms: 1100 / 1326 / 819    2 ms: 1156 / 1280 / 910    5 ms: 929 / 1152 / 1015
-#   batching off: 566 / 487 / 393 (64 clients)
-# 64 items and 2 ms are best or within noise everywhere. The CUDA defaults are not
-# measured here (no GPU): larger batches cost a GPU almost nothing; tune with bench.
-_BATCHING: dict[str, dict[str, BatchingConfig]] = {
-    "cpu": {
-        "classify": BatchingConfig(max_batch_size=64, max_latency_ms=2.0),
-        "sentiment": BatchingConfig(max_batch_size=64, max_latency_ms=2.0),
-        # The generator's cost is all model (about 0.5 ms a row): bigger batches amortise
-        # its per-call overhead, 1.22× requests/s for n=16 at 64 clients with 256 against 64.
-        "generate": BatchingConfig(max_batch_size=256, max_latency_ms=2.0),
-    },
-    "cuda": {
-        "classify": BatchingConfig(max_batch_size=256, max_latency_ms=2.0),
-        "sentiment": BatchingConfig(max_batch_size=256, max_latency_ms=2.0),
-        "generate": BatchingConfig(max_batch_size=256, max_latency_ms=2.0),
-    },
-}
-
-
-# Models whose intra-op pool leaves one of the worker's cores to its event loop.
-SPARE_CORE_MODELS = frozenset({"sentiment"})
 
 
 class SettingsError(ValueError):
@@ -132,12 +87,13 @@ CONNECTIONS = "HTTP connections, per worker (service.connections)"
 LOGGING = "Logging"
 DIAGNOSTICS = "Diagnostics (off by default; see service.heap_snapshots)"
 MIB = 1024 * 1024
+MEASURED_DEFAULT = "the model's measured default for the device (its ModelSpec.serving)"
 
 DECLARED: tuple[Setting, ...] = (
     Setting("DEVICE", "device", "auto", "where the models run; auto is the first GPU the "
             "NVIDIA driver reports, else the CPU", DEVICE),
     Setting("BACKEND", "choice", "auto", "default inference backend of every model; auto is "
-            "the fastest measured for the device (AUTO_BACKEND)", DEVICE,
+            "the fastest measured for the device (the model's ModelSpec.serving)", DEVICE,
             choices=("auto", *BACKENDS)),
     Setting(f"{PER_MODEL}_BACKEND", "choice", None, "backend of one model, named after its "
             "endpoint (the older CLASSIFIER and GENERATOR names still work)", DEVICE,
@@ -158,10 +114,10 @@ DECLARED: tuple[Setting, ...] = (
     Setting("BATCHING", "flag", True, "adaptive batching across requests; off runs every "
             "request alone", BATCHING),
     Setting(f"{PER_MODEL}_MAX_BATCH_SIZE", "int", None, "most items one model call may take",
-            BATCHING, minimum=1, default_doc="the device's measured default (_BATCHING)"),
+            BATCHING, minimum=1, default_doc=MEASURED_DEFAULT),
     Setting(f"{PER_MODEL}_MAX_LATENCY_MS", "number", None, "longest the oldest queued item "
             "waits for a fuller batch while other requests are still arriving", BATCHING,
-            minimum=0.0, default_doc="the device's measured default (_BATCHING)"),
+            minimum=0.0, default_doc=MEASURED_DEFAULT),
     Setting("MAX_QUEUE_ITEMS", "int", 4096, "items queued per endpoint before a 503",
             BATCHING, minimum=1),
     Setting("MAX_BODY_BYTES", "int", 16 * MIB, "request body size (413 beyond)", LIMITS,
@@ -303,7 +259,8 @@ class Settings:
 
     def threads_per_model(self, key: str | None = None, cpu_count: int | None = None) -> int:
         """Intra-op threads for model ``key``: the worker's share of the CPUs, less one
-        for a model in ``SPARE_CORE_MODELS`` (and for PyTorch's process-wide pool, ``None``).
+        for a model whose spec keeps a spare core (and for PyTorch's process-wide pool,
+        ``None``).
 
         With ONNX Runtime's idle threads asleep instead of spinning, a second thread
         costs the event loop nothing while it waits, and the convolutional models use
@@ -315,18 +272,21 @@ class Settings:
         if self.threads is not None:
             return self.threads
         share = max(1, (cpu_count or os.cpu_count() or 1) // self.workers)
-        return max(1, share - 1) if key is None or key in SPARE_CORE_MODELS else share
+        spare = key is None or model_spec(key).serving.spare_core
+        return max(1, share - 1) if spare else share
 
-    def resolve_batching(self, device_type: str) -> dict[str, BatchingConfig]:
-        """The batching of every endpoint on this device: the measured defaults, overridden."""
-        defaults = _BATCHING["cuda" if device_type == "cuda" else "cpu"]
-        return {
-            endpoint: BatchingConfig(
+    def resolve_batching(self, device_type: str) -> dict[str, Batching]:
+        """The batching of every endpoint on this device: each model's measured default,
+        overridden by the settings."""
+        resolved = {}
+        for endpoint in ENDPOINTS:
+            serving = model_spec(endpoint).serving
+            base = serving.batching[serving.device_type(device_type)]
+            resolved[endpoint] = Batching(
                 max_batch_size=self.max_batch_size.get(endpoint, base.max_batch_size),
                 max_latency_ms=self.max_latency_ms.get(endpoint, base.max_latency_ms),
             )
-            for endpoint, base in defaults.items()
-        }
+        return resolved
 
 
 # The fields of ``Settings`` that hold one declared setting each (the rest are built).
@@ -350,7 +310,8 @@ def resolve_backend(model: ModelSettings, device_type: str, torch_installed: boo
         return model.backend
     if not torch_installed:
         return "onnx"
-    return AUTO_BACKEND["cuda" if device_type == "cuda" else "cpu"][model.key]
+    serving = model_spec(model.key).serving
+    return serving.backend[serving.device_type(device_type)]
 
 
 def resolve_precision(model: ModelSettings, backend: str, device_type: str) -> str:

@@ -124,3 +124,20 @@ def test_defaults_quoted_in_the_docs_are_the_declared_ones():
                 assert float(value.replace(",", "")) == defaults[variable], (path.name, variable)
                 checked += 1
     assert checked >= 8  # the tables of docs/operations.md, at least
+
+
+def test_serving_defaults_come_from_each_model_s_spec():
+    from models.registry import REGISTRY
+    from service.settings import MODEL_KEYS, resolve_backend
+
+    settings = Settings.from_env({})
+    for device_type in ("cpu", "cuda"):
+        batching = settings.resolve_batching(device_type)
+        for endpoint, name in MODEL_KEYS.items():
+            serving = REGISTRY[name].serving
+            assert batching[endpoint] == serving.batching[device_type]
+            model = settings.models[endpoint]
+            assert resolve_backend(model, device_type) == serving.backend[device_type]
+    # The LSTM leaves a core to the event loop; the convolutional models use both.
+    assert settings.threads_per_model("sentiment", cpu_count=2) == 1
+    assert settings.threads_per_model("classify", cpu_count=2) == 2
