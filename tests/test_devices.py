@@ -38,3 +38,16 @@ def test_a_device_that_is_not_there_or_not_a_name_is_refused(requested, gpus, me
 
 def test_names_are_normalised():
     assert valid_device_name(" Cuda:3 ") == "cuda:3"
+
+
+@pytest.mark.parametrize("module", ["training.mnist", "training.sentiment", "training.gan",
+                                    "training.pipeline"])  # fmt: skip
+def test_training_takes_every_device_name_the_service_takes(module, capsys):
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    for name in ("auto", "cpu", "cuda", "cuda:1", "CUDA:0"):
+        assert parser.parse_args(["--device", name]).device == valid_device_name(name)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--device", "gpu"])
+    assert "expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err

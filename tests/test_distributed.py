@@ -141,6 +141,14 @@ def test_two_process_mnist_writes_one_complete_artifact(mnist_run):
     assert metadata["metrics"]["test_images"] == mnist.SMOKE_EVAL_IMAGES
     confusion = torch.tensor(metadata["metrics"]["test_confusion_matrix"])
     assert int(confusion.sum()) == mnist.SMOKE_EVAL_IMAGES
+    # The artifact says how it was made: two processes launched by torchrun, over gloo.
+    training = metadata["training"]
+    assert (training["launcher"], training["world_size"], training["dist_backend"]) == (
+        "torchrun", 2, "gloo",
+    )  # fmt: skip
+    assert training["command"].startswith(
+        "torchrun --nnodes=1 --nproc-per-node=2 -m training.mnist --smoke --epochs 2 --resume"
+    ), training["command"]
     checkpoint = torch.load(mnist_run / "checkpoints" / "checkpoint.pt", weights_only=True)
     assert checkpoint["state"]["epoch"] == 2 and checkpoint["world_size"] == 2
     assert len(checkpoint["rng"]) == 2

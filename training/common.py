@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import random
 import shlex
@@ -16,10 +17,18 @@ import numpy as np
 import torch
 
 from models.artifacts import staged_artifact, write_model_files
-from models.devices import choose_device
+from models.devices import DEVICE_NAMES, DeviceError, choose_device, valid_device_name
 from models.registry import REGISTRY, ModelSpec, artifacts_root
 from training import distributed
 from training.sources import default_data_dir
+
+
+def device_argument(value: str) -> str:
+    """argparse type of ``--device``: any name ``models.devices`` accepts (cuda:N too)."""
+    try:
+        return valid_device_name(value)
+    except DeviceError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -39,12 +48,25 @@ def seed_everything(seed: int) -> None:
 
 
 def run_provenance(device: torch.device, argv: list[str] | None) -> dict[str, Any]:
-    """What reproduces this run: the exact command, the device and framework versions."""
+    """What reproduces this run: the exact command (with its launcher), how many
+    processes trained and how they talked, the device and framework versions."""
     module = sys.modules["__main__"].__spec__
-    entry = f"python -m {module.name}" if module else f"python {sys.argv[0]}"
+    program = ["-m", module.name] if module else [sys.argv[0]]
     args = sys.argv[1:] if argv is None else argv
+    context = distributed.current()
+    if distributed.launched_by_torchrun():
+        launcher = "torchrun"
+        nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", str(context.world_size))
+        entry = ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={per_node}", *program]
+    else:
+        launcher = "python"
+        entry = ["python", *program]
     return {
-        "command": " ".join([entry, *map(shlex.quote, args)]),
+        "command": " ".join([*entry, *map(shlex.quote, args)]),
+        "launcher": launcher,
+        "world_size": context.world_size,
+        "dist_backend": torch.distributed.get_backend() if context.distributed else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -120,7 +142,7 @@ def add_run_arguments(
         help=f"artifact root; the model goes to <root>/{model_name} "
         "(default: models.registry.artifacts_root())",
     )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", type=device_argument, default="auto", help=DEVICE_NAMES)
     parser.add_argument("--seed", type=int, default=seed)
     parser.add_argument(
         "--epochs", type=int, default=None, help=f"(default: {epochs}; 1 with --smoke)"

@@ -40,10 +40,11 @@ from pathlib import Path
 import torch
 
 from models.artifacts import ArtifactError
+from models.devices import DEVICE_NAMES
 from models.registry import REGISTRY, ModelSpec, artifacts_root, get_spec
 from models.served import SERVED_MODELS_FILE, pin_served_tags
 from training import distributed
-from training.common import default_data_dir, pick_device
+from training.common import default_data_dir, device_argument, pick_device
 from training.evaluation import VerificationError, evaluate_into
 from training.export import configure_logging, export_into
 from training.register import is_release_root, register_artifact
@@ -189,10 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--device",
-        choices=("auto", "cpu", "cuda"),
+        type=device_argument,
         default="auto",
-        help="training device; parity is checked on the CPU, and GPU latencies are "
-        "measured whenever CUDA is available",
+        help=f"training device ({DEVICE_NAMES}); parity is checked on the CPU, and GPU "
+        "latencies are measured whenever CUDA is available",
     )
     parser.add_argument(
         "--dist-backend",

@@ -10,7 +10,7 @@ artifact's checksums, so registering the same content twice yields the same
 tag instead of a new version per run. ``BENTOML_HOME`` chooses the store.
 
 Registering the released artifacts (``models/artifacts/``, the default) also pins
-their tags as the versions the service serves, in ``service/served_models.json``;
+their tags as the versions the service serves, in ``models/served_models.json``;
 artifacts from elsewhere are pinned only with ``--pin``.
 
 The store entry's metadata summarises the artifact's metadata.json: metrics,
