@@ -60,6 +60,8 @@ class Target:
     relative_to: str | None = None
     min_ratio: float | None = None
     lower_p99: bool = False
+    # At most this multiple of the other configuration's p99.
+    max_p99_ratio: float | None = None
 
 
 @dataclass(frozen=True)

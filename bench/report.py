@@ -114,6 +114,12 @@ def evaluate_targets(report: dict, targets: Iterable[Target]) -> list[dict]:
                     checks.append(ratio >= target.min_ratio)
                 if target.lower_p99:
                     checks.append(p99 is not None and other_p99 is not None and p99 < other_p99)
+                if target.max_p99_ratio is not None:
+                    checks.append(
+                        p99 is not None
+                        and other_p99 is not None
+                        and p99 <= target.max_p99_ratio * other_p99
+                    )
             row["measured"] = {
                 "requests_per_s": point["requests_per_s"],
                 "p50_ms": point["latency_ms"].get("p50"),
@@ -343,6 +349,8 @@ def markdown(report: dict) -> str:
                 required.append(f"≥ {target['min_ratio']:g}× {target['relative_to']}")
             if target.get("lower_p99"):
                 required.append(f"p99 below {target['relative_to']}'s")
+            if target.get("max_p99_ratio") is not None:
+                required.append(f"p99 ≤ {target['max_p99_ratio']:g}× {target['relative_to']}'s")
             measured = target["measured"]
             shown = "not measured"
             if measured:

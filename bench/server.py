@@ -117,6 +117,9 @@ SERVER_COMMANDS = {
     "bentoml-peer": ["-m", "bentoml", "serve", "bench.peers.bentoml_peer:BatchableClassifier",
                      "--host", "127.0.0.1", "--port", "{port}"],
     "litserve-peer": ["-m", "bench.peers.litserve_peer", "--port", "{port}"],
+    "minimal-batched-peer": ["-m", "uvicorn", "bench.peers.minimal_batched:app",
+                             "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning",
+                             "--no-access-log"],
     "starlette-ceiling": ["-m", "uvicorn", "bench.ceiling:app", "--host", "127.0.0.1",
                           "--port", "{port}", "--log-level", "warning", "--no-access-log"],
 }  # fmt: skip

@@ -327,6 +327,56 @@ def test_the_peer_set_names_servers_revisions_and_relative_targets():
     assert relative_result["met"] is True  # 2.56× LitServe with a lower p99
     assert outside_result["measured"]["outside_model_ms"] == pytest.approx(0.8)
     assert outside_result["met"] is False  # 0.8 ms outside the model is over the 0.35 ms bound
+    # Against the minimal batched server: throughput ratio and p99 ratio, both bounded.
+    report["configs"].append(
+        {"name": "minimal-batched", "points": [point("minimal-batched", 1000.0, 40.0)]}
+    )
+    [minimal] = [t for t in targets if t.relative_to == "minimal-batched"]
+    assert (minimal.min_ratio, minimal.max_p99_ratio) == (0.95, 1.25)
+    assert evaluate_targets(report, [minimal])[0]["met"] is True  # p99 50 ≤ 1.25 × 40
+    report["configs"][-1]["points"][0]["latency_ms"]["p99"] = 39.0
+    assert evaluate_targets(report, [minimal])[0]["met"] is False  # 50 > 1.25 × 39
+
+
+def test_the_minimal_batched_peer_batches_and_answers_right(mnist_test_digits):
+    """The yardstick serves the classify job: right digits, rows of concurrent requests
+    in shared model calls."""
+    import asyncio
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from bench.multipart import file_parts, multipart_body
+    from bench.peers import minimal_batched
+
+    calls: list[int] = []
+    model = minimal_batched.batcher.model
+    minimal_batched.batcher.model = lambda rows: calls.append(len(rows)) or model(rows)
+    images, labels = mnist_test_digits
+
+    async def classify_all() -> list[int]:
+        transport = httpx.ASGITransport(app=minimal_batched.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://peer") as client:
+
+            async def one(pixels) -> int:
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, format="PNG")
+                body, content_type = multipart_body(file_parts("image", [buffer.getvalue()]))
+                response = await client.post(
+                    "/classify", content=body, headers={"Content-Type": content_type}
+                )
+                return response.json()["digit"]
+
+            return await asyncio.gather(*(one(pixels) for pixels in images[:64]))
+
+    try:
+        digits = asyncio.run(classify_all())
+    finally:
+        minimal_batched.batcher.model = model
+        minimal_batched.batcher.consumer = None
+    assert sum(d == label for d, label in zip(digits, labels[:64], strict=True)) >= 62
+    assert sum(calls) == 64 and max(calls) > 1
 
 
 def test_against_a_revision_adds_the_service_configs_there_and_compares_them():
