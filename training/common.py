@@ -4,7 +4,6 @@ run provenance, and writing a trained model as a verified artifact."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import platform
 import random
@@ -20,6 +19,7 @@ from models.artifacts import staged_artifact, write_model_files
 from models.devices import DEVICE_NAMES, DeviceError, choose_device, valid_device_name
 from models.registry import REGISTRY, ModelSpec, artifacts_root
 from training import distributed
+from training.log import configure_logging
 from training.sources import default_data_dir
 
 
@@ -182,7 +182,7 @@ def epoch_count(args: argparse.Namespace) -> int:
 def start_run(args: argparse.Namespace) -> torch.device:
     """Logging, CPU threads and the device for a training script's ``main``; under
     torchrun also joins the process group (see ``training.distributed``)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     if args.resume and args.checkpoint_dir is None:
         raise SystemExit("--resume needs --checkpoint-dir")
     if args.threads:

@@ -50,6 +50,7 @@ from models.preprocessing import digit_pixels_from_images, normalize_digits
 from models.registry import MNIST_CLASSIFIER, get_spec
 from training.common import default_data_dir
 from training.data import mnist_test_set
+from training.log import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--save-examples", type=Path, default=None,
                         help="also write a PNG contact sheet of the first drawings")  # fmt: skip
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging()
     if args.save_examples:
         save_examples(args.data_dir, args.save_examples, args.seed)
     result = measure(args.data_dir, args.limit, args.seed, args.artifacts_dir)

@@ -81,6 +81,7 @@ from models.artifacts import (
 from models.registry import EXAMPLE_BATCH, EXAMPLE_LENGTH, REGISTRY, ModelSpec, get_spec
 from training import subpixel
 from training.common import add_model_selection_arguments
+from training.log import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -388,13 +389,6 @@ def export_artifact(spec: ModelSpec, root: Path | None = None) -> dict[str, Any]
     """Export one artifact in place, atomically (the old files stay until it succeeds)."""
     with staged_artifact(spec.artifact_dir(root)) as staging:
         return export_into(spec, staging)
-
-
-def configure_logging() -> None:
-    """INFO for this project; the ONNX toolchain's per-pass INFO chatter stays quiet."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

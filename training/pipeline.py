@@ -46,7 +46,8 @@ from models.served import SERVED_MODELS_FILE, pin_served_tags
 from training import distributed
 from training.common import default_data_dir, device_argument, pick_device
 from training.evaluation import VerificationError, evaluate_into
-from training.export import configure_logging, export_into
+from training.export import export_into
+from training.log import configure_logging
 from training.register import is_release_root, register_artifact
 from training.variants import kept_files
 from training.verify import changed_files, check_released_variants, verify_into, working_copy

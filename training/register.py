@@ -41,6 +41,7 @@ from models.registry import (
 )
 from models.served import SERVED_MODELS_FILE, pin_served_tags
 from training.common import add_model_selection_arguments
+from training.log import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "(default: only when registering the released artifacts)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         tags = register_all(args.model, args.artifacts_dir)
     except RegistrationError as error:

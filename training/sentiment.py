@@ -69,7 +69,7 @@ EVAL_BATCH_SIZE = 256
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
+class TrainConfig:
     """Everything that shapes a run besides the model config; recorded in the metadata."""
 
     epochs: int = 8
@@ -291,7 +291,7 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int) -> floa
 def train_one_seed(
     seed: int,
     model_config: SentimentClassifierConfig,
-    config: TrainingConfig,
+    config: TrainConfig,
     train: EncodedSplit,
     dev: EncodedSplit,
     device: torch.device,
@@ -446,7 +446,7 @@ def train_one_seed(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainingConfig()
+    defaults = TrainConfig()
     model_defaults = SentimentClassifierConfig(vocab_size=0)
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -517,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dev": subset.sample(splits["dev"], SMOKE_EVAL_SIZE),
             "test": subset.sample(splits["test"], SMOKE_EVAL_SIZE),
         }
-    config = TrainingConfig(
+    config = TrainConfig(
         epochs=epoch_count(args),
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -525,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         label_smoothing=args.label_smoothing,
         word_dropout=args.word_dropout,
         ema_decay=min(args.ema_decay, 0.9) if args.smoke else args.ema_decay,
-        min_count=args.min_count or (1 if args.smoke else TrainingConfig.min_count),
+        min_count=args.min_count or (1 if args.smoke else TrainConfig.min_count),
         distillation_weight=args.distillation_weight,
         temperature=args.temperature,
     )

@@ -51,7 +51,8 @@ from training.evaluation import (
     evaluation_set,
     load_labeller,
 )
-from training.export import configure_logging, variant_candidates
+from training.export import variant_candidates
+from training.log import configure_logging
 from training.parity import ParityError, check_parity, measure_parity
 from training.variants import kept_files, measure_variants
 
