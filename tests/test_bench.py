@@ -395,3 +395,51 @@ def test_against_a_revision_adds_the_service_configs_there_and_compares_them():
         ("service@abc123", "service"),
         ("service-1-thread@abc123", "service-1-thread"),
     }
+
+
+def test_the_soak_counts_answers_by_status_from_bentomls_counter():
+    from bench.soak import answered
+
+    family = "bentoml_service_request_total"
+    labels = 'service_name="s",service_version="v",runner_name="r"'
+    counts = [("/classify", "200", 90.0), ("/classify", "503", 4.0), ("/sentiment", "200", 6.0)]
+    text = f"# HELP {family} Total number of HTTP requests\n# TYPE {family} counter\n" + "".join(
+        f'{family}{{endpoint="{route}",http_response_code="{code}",{labels}}} {value}\n'
+        for route, code, value in counts
+    )
+    assert answered(text) == (100, 4)
+
+
+@needs_data
+def test_the_mixed_workload_sends_each_endpoint_the_same_share():
+    [mixed] = payloads.build_workloads(DATA_DIR, ["mixed"], pool_size=16).values()
+    paths = Counter(request.path for request in mixed.requests)
+    assert paths == {"/classify": 16, "/sentiment": 16, "/generate": 16}
+    assert {r.items for r in mixed.requests if r.path == "/generate"} == {4}
+
+
+@needs_data
+def test_a_short_soak_against_the_real_service(model_store, tmp_path):
+    """Every part of ``make bench-soak`` on a real ``bentoml serve``, for seconds."""
+    from bench import soak
+
+    status = soak.main(["--phase", "mixed", "--minutes", "0.3", "--warmup-minutes", "0.1",
+                        "--interval", "3", "--concurrency", "8", "--client-processes", "1",
+                        "--output-dir", str(tmp_path)])  # fmt: skip
+    report = json.loads((tmp_path / "soak.json").read_text())
+    [phase] = report["phases"]
+    samples = phase["samples"]
+    assert len(samples) >= 5
+    assert [s["requests"] for s in samples] == sorted(s["requests"] for s in samples)
+    assert samples[-1]["requests"] > 100 and samples[-1]["errors"] == 0
+    assert all(s["worker_rss_mib"] > 50 and s["parent_rss_mib"] > 20 for s in samples)
+    summary = phase["summary"]
+    assert summary["errors"] == 0 and summary["requests_after_warmup"] > 0
+    assert status == (0 if summary["meets_target"] else 1)
+    assert phase["load"]["statuses"] and set(phase["load"]["statuses"]) == {"200"}
+    assert (tmp_path / "rss_vs_requests.png").stat().st_size > 10_000
+    assert "| mixed |" in (tmp_path / "soak.md").read_text()
+    # Redrawn from the report, as docs/benchmarks.md's before-and-after plot is.
+    redrawn = tmp_path / "redrawn"
+    assert soak.main(["--replot", str(tmp_path / "soak.json"), "--output-dir", str(redrawn)]) == 0
+    assert (redrawn / "rss_vs_requests.png").is_file()
