@@ -25,7 +25,7 @@ no longer in effect. BentoML and uvicorn are pinned in ``pyproject.toml``;
 
 from __future__ import annotations
 
-import inspect
+import importlib.util
 import os
 import re
 from collections.abc import Callable
@@ -72,11 +72,16 @@ def _uvicorn_protocols() -> dict:
     return config.HTTP_PROTOCOLS
 
 
-def _source(module_name: str, attribute: str | None = None) -> str:
-    import importlib
-
-    target = importlib.import_module(module_name)
-    return inspect.getsource(getattr(target, attribute) if attribute else target)
+def _source(module_name: str) -> str:
+    """A module's source text, read from its file without importing it or its package:
+    the check runs in the ``bentoml serve`` parent too, which should not load the
+    worker's modules ("" when the file is not there)."""
+    top, *rest = module_name.split(".")
+    spec = importlib.util.find_spec(top)  # finds a top-level package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    path = Path(spec.submodule_search_locations[0], *rest).with_suffix(".py")
+    return path.read_text() if path.is_file() else ""
 
 
 def _install_request_timeout() -> None:
@@ -85,7 +90,7 @@ def _install_request_timeout() -> None:
 
 def _request_timeout_in_effect() -> bool:
     builds_from_module = "from .http.traffic import TimeoutMiddleware" in _source(
-        "bentoml._internal.server.base_app", "BaseAppFactory"
+        "bentoml._internal.server.base_app"
     )
     return builds_from_module and _bentoml_traffic().TimeoutMiddleware is RequestTimeout
 
@@ -95,7 +100,7 @@ def _install_request_metrics() -> None:
 
 
 def _request_metrics_in_effect() -> bool:
-    factory = _source("_bentoml_impl.server.app", "ServiceAppFactory")
+    factory = _source("_bentoml_impl.server.app")
     builds_from_module = (
         "from bentoml._internal.server.http.instruments import" in factory
         and "RunnerTrafficMetricsMiddleware," in factory
