@@ -63,12 +63,6 @@ class HeapSnapshots:
             self.folder,
         )
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        tracemalloc.stop()
-
     def _run(self) -> None:
         index = 0
         while not self._stop.wait(self.interval_s):

@@ -164,7 +164,6 @@ DECLARED: tuple[Setting, ...] = (
     Setting("HEAP_SNAPSHOT_INTERVAL_S", "number", 60.0, "seconds between two heap snapshots",
             DIAGNOSTICS, minimum=1.0),
 )  # fmt: skip
-BY_NAME = {setting.name: setting for setting in DECLARED}
 
 
 @dataclass(frozen=True)

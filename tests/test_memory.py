@@ -195,3 +195,27 @@ def test_the_service_keeps_nothing_per_request(service_app, mnist_test_digits, s
     growth = asyncio.run(scenario())
     assert statuses == {200: WARMUP_REQUESTS + MEASURED_REQUESTS}
     assert growth < MAX_BYTES_PER_REQUEST, f"{growth}"
+
+
+def test_heap_snapshots_name_the_line_that_keeps_memory(tmp_path):
+    """The diagnostic behind SERVING_HEAP_SNAPSHOT_DIR and bench.heap_diff: two snapshots
+    around an allocation that stays alive name that line, with the figures of each."""
+    from bench.heap_diff import figures, growth
+    from service.heap_snapshots import HeapSnapshots
+
+    snapshots = HeapSnapshots(tmp_path, interval_s=3600.0)
+    tracemalloc.start(8)
+    try:
+        first = snapshots.write(0)
+        kept = [bytearray(1000) for _ in range(500)]  # the "leak": 0.5 MB still alive
+        last = snapshots.write(1)
+    finally:
+        tracemalloc.stop()
+    rows = figures(next(tmp_path.glob("worker-*.jsonl")))
+    assert [row["snapshot"] for row in rows] == [first.name, last.name]
+    assert rows[1]["traced_bytes"] - rows[0]["traced_bytes"] >= 500_000
+    assert all(row["rss_bytes"] > 0 for row in rows)
+    top = growth(first, last, key="lineno", top=1)
+    assert "test_memory.py" in top[1] and "kept = [bytearray(1000)" in top[2], top
+    assert float(top[0].split()[0]) >= 500.0  # KiB
+    del kept
