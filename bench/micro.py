@@ -45,9 +45,9 @@ from models.onnx_session import open_session
 from models.preprocessing import digit_pixels_from_image, digit_pixels_from_images
 from models.registry import DIGIT_GENERATOR, artifacts_root, get_spec
 from service.imaging import encode_png, grid_canvas, load_image, open_image
-from service.requests import SentimentInput, parse_form, parse_json
-from service.schemas import DigitPrediction
-from service.settings import current_settings
+from service.requests import parse_form, parse_json
+from service.schemas import DigitPrediction, text_inputs
+from service.settings import Settings
 from service.traffic_metrics import BentoTrafficMetrics, RouteTrafficMetrics
 
 BATCH = 64  # images per model call under load (the CPU default max_batch_size)
@@ -217,13 +217,14 @@ def measure(data_dir: Path, repeat: int) -> list[tuple[str, float, float]]:
             per_call_us(orjson_response, repeat),
         )
     )
+    sentiment_input, _ = text_inputs("sentiment", Settings.from_env({}).limits)
     rows.append(
         (
             "sentiment body → validated text (json.loads + pydantic → model_validate_json)",
             per_call_us(
-                lambda i: SentimentInput.model_validate(json.loads(texts[i % len(texts)])), repeat
+                lambda i: sentiment_input.model_validate(json.loads(texts[i % len(texts)])), repeat
             ),
-            per_call_us(lambda i: parse_json(SentimentInput, texts[i % len(texts)]), repeat),
+            per_call_us(lambda i: parse_json(sentiment_input, texts[i % len(texts)]), repeat),
         )
     )
 
@@ -271,7 +272,7 @@ def generator_row(repeat: int) -> tuple[str, float, float]:
             strict=True,
         )
     )
-    threads = current_settings().threads_per_model("generate")
+    threads = Settings.from_env().threads_per_model("generate")
     sessions = [open_session(graph, threads=threads) for graph in graphs]
     for session in sessions:
         session.run(None, feeds)  # warm up

@@ -20,7 +20,7 @@ import hashlib
 import importlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -149,8 +149,13 @@ class ModelSpec:
     config: str
     module: str
     onnx: OnnxSignature
-    # The service endpoints that serve this model.
-    endpoints: tuple[str, ...]
+    # The service's name for this model: its routes (``/<endpoint>``, and the others its
+    # task adds, such as ``/<endpoint>_batch``), its settings (``SERVING_<ENDPOINT>_*``)
+    # and its metrics' ``endpoint`` label.
+    endpoint: str
+    # What the service does with it: the name of one of the kinds of request and
+    # answer the service knows (``service.tasks``).
+    task: str
     # The training script (``python -m <training>``); it writes a complete artifact.
     training: str
     example: ExampleInputs
@@ -259,89 +264,148 @@ def _latent_and_labels(
     return latent_arrays(batch_size, config["latent_dim"], seed, num_classes=config["num_classes"])
 
 
-REGISTRY: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec(
-            name=MNIST_CLASSIFIER,
-            description="MNIST digit classifier (two-convolution CNN)",
-            config="models.digits:DigitClassifierConfig",
-            module="models.digits:DigitClassifier",
-            labels=DIGIT_LABELS,
-            endpoints=("classify", "classify_batch"),
-            training="training.mnist",
-            example=_digit_images,
-            verification=Verification(
-                data="training.evaluation:mnist_test_split", split="MNIST test split"
-            ),
-            variants=("int8", "fp16"),
-            onnx=OnnxSignature(
-                inputs=("images",),
-                outputs=("logits",),
-                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-            ),
+RELEASED: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name=MNIST_CLASSIFIER,
+        description="MNIST digit classifier (two-convolution CNN)",
+        config="models.digits:DigitClassifierConfig",
+        module="models.digits:DigitClassifier",
+        labels=DIGIT_LABELS,
+        endpoint="classify",
+        task="digit-classification",
+        training="training.mnist",
+        example=_digit_images,
+        verification=Verification(
+            data="training.evaluation:mnist_test_split", split="MNIST test split"
         ),
-        ModelSpec(
-            name=SENTIMENT_CLASSIFIER,
-            description="SST-2 sentiment classifier (BiLSTM, max-pooled)",
-            config="models.sentiment:SentimentClassifierConfig",
-            module="models.sentiment:SentimentClassifier",
-            labels=SENTIMENT_LABELS,
-            endpoints=("sentiment", "sentiment_batch"),
-            training="training.sentiment",
-            example=_token_ids,
-            verification=Verification(
-                data="training.evaluation:sst2_test_split", split="SST-2 test split"
-            ),
-            # No fp16 candidate: the 30 MB release budget buys a larger embedding
-            # instead (85.8 against 84.3 % dev accuracy, same seed and teachers), and
-            # on a GPU the service runs the model in PyTorch fp16 (cuDNN's LSTM) anyway.
-            variants=("int8",),
-            # A second intra-op thread gave 0.93× the requests/s: the core goes to HTTP.
-            serving=Serving(spare_core=True),
-            onnx=OnnxSignature(
-                inputs=("token_ids", "lengths"),
-                outputs=("logits",),
-                dynamic_axes={
-                    "token_ids": {0: "batch", 1: "sequence"},
-                    "lengths": {0: "batch"},
-                    "logits": {0: "batch"},
-                },
-            ),
+        variants=("int8", "fp16"),
+        onnx=OnnxSignature(
+            inputs=("images",),
+            outputs=("logits",),
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
         ),
-        ModelSpec(
-            name=DIGIT_GENERATOR,
-            description="Conditional DCGAN generator of 28×28 digits",
-            config="models.gan:GeneratorConfig",
-            module="models.gan:Generator",
-            labels=DIGIT_LABELS,
-            endpoints=("generate",),
-            training="training.gan",
-            example=_latent_and_labels,
-            verification=Verification(
-                data="training.evaluation:generator_inputs",
-                split="generator inputs, every digit equally often",
-                labels_read_by=MNIST_CLASSIFIER,
-            ),
-            # No INT8 candidate: the bulk of the generator is transposed convolutions,
-            # which dynamic quantization does not cover.
-            variants=("fp16",),
-            # The generator's cost is all model (about 0.5 ms a row): bigger batches
-            # amortise its per-call overhead, 1.22× requests/s for n=16 at 64 clients
-            # with 256 items against 64.
-            serving=Serving(batching={"cpu": Batching(256, 2.0), "cuda": Batching(256, 2.0)}),
-            onnx=OnnxSignature(
-                inputs=("latent", "labels"),
-                outputs=("images",),
-                dynamic_axes={
-                    "latent": {0: "batch"},
-                    "labels": {0: "batch"},
-                    "images": {0: "batch"},
-                },
-            ),
+    ),
+    ModelSpec(
+        name=SENTIMENT_CLASSIFIER,
+        description="SST-2 sentiment classifier (BiLSTM, max-pooled)",
+        config="models.sentiment:SentimentClassifierConfig",
+        module="models.sentiment:SentimentClassifier",
+        labels=SENTIMENT_LABELS,
+        endpoint="sentiment",
+        task="text-classification",
+        training="training.sentiment",
+        example=_token_ids,
+        verification=Verification(
+            data="training.evaluation:sst2_test_split", split="SST-2 test split"
         ),
-    )
-}
+        # No fp16 candidate: the 30 MB release budget buys a larger embedding
+        # instead (85.8 against 84.3 % dev accuracy, same seed and teachers), and
+        # on a GPU the service runs the model in PyTorch fp16 (cuDNN's LSTM) anyway.
+        variants=("int8",),
+        # A second intra-op thread gave 0.93× the requests/s: the core goes to HTTP.
+        serving=Serving(spare_core=True),
+        onnx=OnnxSignature(
+            inputs=("token_ids", "lengths"),
+            outputs=("logits",),
+            dynamic_axes={
+                "token_ids": {0: "batch", 1: "sequence"},
+                "lengths": {0: "batch"},
+                "logits": {0: "batch"},
+            },
+        ),
+    ),
+    ModelSpec(
+        name=DIGIT_GENERATOR,
+        description="Conditional DCGAN generator of 28×28 digits",
+        config="models.gan:GeneratorConfig",
+        module="models.gan:Generator",
+        labels=DIGIT_LABELS,
+        endpoint="generate",
+        task="digit-generation",
+        training="training.gan",
+        example=_latent_and_labels,
+        verification=Verification(
+            data="training.evaluation:generator_inputs",
+            split="generator inputs, every digit equally often",
+            labels_read_by=MNIST_CLASSIFIER,
+        ),
+        # No INT8 candidate: the bulk of the generator is transposed convolutions,
+        # which dynamic quantization does not cover.
+        variants=("fp16",),
+        # The generator's cost is all model (about 0.5 ms a row): bigger batches
+        # amortise its per-call overhead, 1.22× requests/s for n=16 at 64 clients
+        # with 256 items against 64.
+        serving=Serving(batching={"cpu": Batching(256, 2.0), "cuda": Batching(256, 2.0)}),
+        onnx=OnnxSignature(
+            inputs=("latent", "labels"),
+            outputs=("images",),
+            dynamic_axes={
+                "latent": {0: "batch"},
+                "labels": {0: "batch"},
+                "images": {0: "batch"},
+            },
+        ),
+    ),
+)
+
+# Models defined outside this package: a comma-separated list of modules, each with a
+# ``SPECS`` sequence of ``ModelSpec`` (``module:attribute`` names another attribute).
+EXTRA_SPECS_VARIABLE = "MODEL_SPECS"
+
+
+class Registry(Mapping[str, ModelSpec]):
+    """Every model by name: the released ones, then those ``MODEL_SPECS`` names.
+
+    The extra modules are imported on first use, not when this module is imported,
+    so that the environment of the process that uses the registry is the one read.
+    """
+
+    def __init__(self, released: tuple[ModelSpec, ...]) -> None:
+        self._released = released
+        self._specs: dict[str, ModelSpec] | None = None
+
+    def _all(self) -> dict[str, ModelSpec]:
+        if self._specs is None:
+            specs: dict[str, ModelSpec] = {}
+            for spec in (*self._released, *extra_specs(os.environ.get(EXTRA_SPECS_VARIABLE, ""))):
+                for other in specs.values():
+                    if spec.name == other.name or spec.endpoint == other.endpoint:
+                        raise ValueError(
+                            f"model {spec.name!r} (endpoint {spec.endpoint!r}) clashes with "
+                            f"{other.name!r} (endpoint {other.endpoint!r})"
+                        )
+                specs[spec.name] = spec
+            self._specs = specs
+        return self._specs
+
+    def __getitem__(self, name: str) -> ModelSpec:
+        return self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def reload(self) -> None:
+        """Read ``MODEL_SPECS`` again on next use (for tests that change it)."""
+        self._specs = None
+
+
+def extra_specs(names: str) -> list[ModelSpec]:
+    """The specs of the modules named in ``names`` (see ``EXTRA_SPECS_VARIABLE``)."""
+    specs: list[ModelSpec] = []
+    for name in filter(None, (part.strip() for part in names.split(","))):
+        module, _, attribute = name.partition(":")
+        found = getattr(importlib.import_module(module), attribute or "SPECS")
+        for spec in found:
+            if not isinstance(spec, ModelSpec):
+                raise TypeError(f"{EXTRA_SPECS_VARIABLE}: {name} holds {spec!r}, not a ModelSpec")
+            specs.append(spec)
+    return specs
+
+
+REGISTRY = Registry(RELEASED)
 
 
 def store_version(metadata: Mapping[str, Any]) -> str:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -145,10 +145,12 @@ HOOKS = (
 )  # fmt: skip
 
 
-def install(settings: Settings) -> None:
-    """Put every replacement in place: before ``bentoml serve`` prepares its metrics
-    folder and before a worker builds its app and its HTTP server."""
+def install(settings: Settings, api_routes: Iterable[str] = ()) -> None:
+    """Put every replacement in place, configured for these settings and API routes:
+    before ``bentoml serve`` prepares its metrics folder and before a worker builds its
+    app and its HTTP server."""
     GuardedHttpProtocol.limits = settings.connections
+    RouteTrafficMetrics.api_routes = frozenset(api_routes)
     for hook in HOOKS:
         hook.install()
 

@@ -21,7 +21,7 @@ import bentoml
 from models.artifacts import Artifact, load_artifact
 from models.registry import ModelSpec, get_spec
 from models.served import ServedModelsError, served_tags
-from service.settings import MODEL_KEYS
+from service.settings import model_keys
 
 
 def resolve_tag(
@@ -34,7 +34,7 @@ def resolve_tag(
 
 
 def served_model_tags(overrides: Mapping[str, str | None]) -> dict[str, str]:
-    """Model key → the tag to serve, for the service's models (``MODEL_KEYS``); a file
+    """Model key → the tag to serve, for the service's models (``model_keys``); a file
     of pins that cannot be read stops the start with one line naming it."""
     try:
         pins = served_tags()
@@ -42,7 +42,7 @@ def served_model_tags(overrides: Mapping[str, str | None]) -> dict[str, str]:
         raise SystemExit(f"cannot start: {error}") from None
     return {
         key: resolve_tag(get_spec(name), overrides.get(key), pins)
-        for key, name in MODEL_KEYS.items()
+        for key, name in model_keys().items()
     }
 
 

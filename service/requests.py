@@ -34,14 +34,6 @@ from python_multipart.multipart import parse_options_header
 
 from service.errors import Location, Problem, RequestError
 from service.imaging import ImageError, open_image
-from service.schemas import (
-    GridFlag,
-    ImageCount,
-    OptionalDigit,
-    OptionalSeed,
-    Text,
-    TextList,
-)
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -223,21 +215,6 @@ def identify_images(
     if problems:
         raise RequestError(problems)
     return images
-
-
-class SentimentInput(BaseModel):
-    text: Text
-
-
-class SentimentBatchInput(BaseModel):
-    texts: TextList
-
-
-class GenerateInput(BaseModel):
-    n: ImageCount = 1
-    digit: OptionalDigit = None
-    seed: OptionalSeed = None
-    grid: GridFlag = False
 
 
 def parse_json(model: type[ModelT], body: bytes) -> ModelT:

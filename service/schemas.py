@@ -1,107 +1,22 @@
 """Request and response schemas of the HTTP API, with the examples the OpenAPI page shows.
 
-Input types carry their limits (from ``service.settings``) so that BentoML's
-request validation rejects a wrong type, a missing field or an out-of-range
-value with a 400 that names the field, before the service's code runs.
-Uploaded images are identified and size-checked here, from the header only
-(see ``service.imaging``); their pixels are decoded later, per request.
+The same pydantic models validate a JSON body (``service.requests.parse_json``)
+and document it (``service.openapi``), so the limits and the error types a
+client sees (``missing``, ``string_too_long``, ``json_invalid``...) are those of
+the documented schema. Limits come from the settings and label names from the
+model's spec, so each schema is built by a function, once per service.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from PIL import Image
-from pydantic import BaseModel, BeforeValidator, Field, StrictBool, StrictInt, StrictStr
-from pydantic_core import PydanticCustomError
-from starlette.datastructures import UploadFile
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr, create_model
 
-from service.imaging import SUPPORTED_TEXT, ImageError, open_image
-from service.settings import current_settings
+from service.settings import Limits
 
-LIMITS = current_settings().limits
 MAX_SEED = 2**63 - 1
-
-
-def _image_from_upload(value: Any) -> Image.Image:
-    """A multipart file part → an identified, size-checked (still compressed) PIL image."""
-    if not isinstance(value, UploadFile):
-        raise PydanticCustomError(
-            "not_a_file",
-            "expected an image file upload (multipart/form-data file part)",
-        )
-    data = value.file.read()
-    try:
-        return open_image(data, max_pixels=LIMITS.max_image_pixels)
-    except ImageError as error:
-        raise PydanticCustomError(error.type, error.message) from None
-
-
-ImageUpload = Annotated[
-    Image.Image,
-    BeforeValidator(_image_from_upload),
-    Field(description=f"A digit image: {SUPPORTED_TEXT}, any size and mode, either polarity."),
-]
-
-Text = Annotated[
-    StrictStr,
-    Field(
-        min_length=1,
-        max_length=LIMITS.max_text_chars,
-        description=f"Raw English text, 1–{LIMITS.max_text_chars} characters.",
-        examples=["A gripping, beautifully acted film."],
-    ),
-]
-
-ImageList = Annotated[
-    list[ImageUpload],
-    Field(
-        min_length=1,
-        max_length=LIMITS.max_items_per_request,
-        description=f"1–{LIMITS.max_items_per_request} digit images, one file part each.",
-    ),
-]
-
-TextList = Annotated[
-    list[Text],
-    Field(
-        min_length=1,
-        max_length=LIMITS.max_items_per_request,
-        description=f"1–{LIMITS.max_items_per_request} texts, classified independently.",
-        examples=[["A gripping, beautifully acted film.", "Dull and far too long."]],
-    ),
-]
-
-ImageCount = Annotated[
-    StrictInt,
-    Field(
-        ge=1,
-        le=LIMITS.max_generate_n,
-        description=f"How many images to generate (1–{LIMITS.max_generate_n}).",
-        examples=[8],
-    ),
-]
-OptionalDigit = Annotated[
-    StrictInt | None,
-    Field(ge=0, le=9, description="The digit to draw (0–9); omit for random digits.", examples=[7]),
-]
-OptionalSeed = Annotated[
-    StrictInt | None,
-    Field(
-        ge=0,
-        le=MAX_SEED,
-        description="Seed of the latent vectors; the same seed, n and digit always give "
-        "byte-identical images. Omit for a random seed (returned in the answer).",
-        examples=[1234],
-    ),
-]
-GridFlag = Annotated[
-    StrictBool,
-    Field(
-        description="Answer with one PNG grid of all images (Content-Type image/png, "
-        "seed in the X-Seed header) instead of JSON.",
-    ),
-]
+EXAMPLE_TEXTS = ["A gripping, beautifully acted film.", "Dull and far too long."]
 
 
 class DigitPrediction(BaseModel):
@@ -113,11 +28,6 @@ class DigitPrediction(BaseModel):
     )
 
 
-class SentimentPrediction(BaseModel):
-    label: Literal["negative", "positive"] = Field(examples=["positive"])
-    score: float = Field(description="P(positive), in [0, 1].", examples=[0.97])
-
-
 class GeneratedDigit(BaseModel):
     digit: int = Field(description="The digit this image was generated as.", examples=[7])
     png: str = Field(description="A 28×28 grayscale PNG, base64-encoded.")
@@ -126,3 +36,90 @@ class GeneratedDigit(BaseModel):
 class GeneratedDigits(BaseModel):
     seed: int = Field(description="The seed used; send it again to get the same images.")
     images: list[GeneratedDigit]
+
+
+def _model_name(endpoint: str, suffix: str) -> str:
+    return "".join(part.capitalize() for part in endpoint.split("_")) + suffix
+
+
+def text_inputs(endpoint: str, limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The bodies of ``/<endpoint>`` (one text) and ``/<endpoint>_batch`` (a list)."""
+    text = Annotated[
+        StrictStr,
+        Field(
+            min_length=1,
+            max_length=limits.max_text_chars,
+            description=f"Raw English text, 1–{limits.max_text_chars} characters.",
+            examples=EXAMPLE_TEXTS[:1],
+        ),
+    ]
+    texts = Annotated[
+        list[text],
+        Field(
+            min_length=1,
+            max_length=limits.max_items_per_request,
+            description=f"1–{limits.max_items_per_request} texts, classified independently.",
+            examples=[EXAMPLE_TEXTS],
+        ),
+    ]
+    single = create_model(_model_name(endpoint, "Input"), text=(text, ...))
+    batch = create_model(_model_name(endpoint, "BatchInput"), texts=(texts, ...))
+    return single, batch
+
+
+def text_prediction(endpoint: str, labels: tuple[str, ...]) -> type[BaseModel]:
+    """The answer for one text: its label and the probability of the last label."""
+    return create_model(
+        _model_name(endpoint, "Prediction"),
+        label=(Literal[labels], Field(examples=[labels[-1]])),  # type: ignore[valid-type]
+        score=(
+            float,
+            Field(description=f"P({labels[-1]}), in [0, 1].", examples=[0.97]),
+        ),
+    )
+
+
+def generate_input(endpoint: str, limits: Limits, classes: int) -> type[BaseModel]:
+    """The body of a generation request: how many images, of which digit, from which seed."""
+    count = Annotated[
+        StrictInt,
+        Field(
+            ge=1,
+            le=limits.max_generate_n,
+            description=f"How many images to generate (1–{limits.max_generate_n}).",
+            examples=[8],
+        ),
+    ]
+    digit = Annotated[
+        StrictInt | None,
+        Field(
+            ge=0,
+            le=classes - 1,
+            description=f"The digit to draw (0–{classes - 1}); omit for random digits.",
+            examples=[7],
+        ),
+    ]
+    seed = Annotated[
+        StrictInt | None,
+        Field(
+            ge=0,
+            le=MAX_SEED,
+            description="Seed of the latent vectors; the same seed, n and digit always give "
+            "byte-identical images. Omit for a random seed (returned in the answer).",
+            examples=[1234],
+        ),
+    ]
+    grid = Annotated[
+        StrictBool,
+        Field(
+            description="Answer with one PNG grid of all images (Content-Type image/png, "
+            "seed in the X-Seed header) instead of JSON.",
+        ),
+    ]
+    return create_model(
+        _model_name(endpoint, "Input"),
+        n=(count, 1),
+        digit=(digit, None),
+        seed=(seed, None),
+        grid=(grid, False),
+    )

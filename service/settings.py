@@ -11,7 +11,6 @@ and checked by ``tests/test_settings.py``) all come from it. For example::
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -22,16 +21,21 @@ from models.registry import REGISTRY, Batching, ModelSpec
 
 PREFIX = "SERVING_"
 
-# One name per model in settings, metrics and logs: the endpoint it serves
-# (SERVING_CLASSIFY_BACKEND, SERVING_CLASSIFY_MAX_BATCH_SIZE, endpoint="classify").
-# The batch routes (/classify_batch, /sentiment_batch) share their model's name.
-MODEL_KEYS: dict[str, str] = {spec.endpoints[0]: spec.name for spec in REGISTRY.values()}
-ENDPOINTS = tuple(MODEL_KEYS)
+
+def model_keys() -> dict[str, str]:
+    """Each model's one name in settings, metrics and logs (its spec's ``endpoint``:
+    SERVING_CLASSIFY_BACKEND, endpoint="classify") → its registry name. The routes a
+    model's task adds (/classify_batch) share that name."""
+    return {spec.endpoint: spec.name for spec in REGISTRY.values()}
+
+
+def endpoints() -> tuple[str, ...]:
+    return tuple(model_keys())
 
 
 def model_spec(key: str) -> ModelSpec:
     """The spec of the model that serves endpoint ``key``."""
-    return REGISTRY[MODEL_KEYS[key]]
+    return REGISTRY[model_keys()[key]]
 
 
 # The per-model settings were first named after the model; a deployment may still
@@ -76,7 +80,7 @@ class Setting:
         """The variable names (without the prefix) this declaration stands for."""
         if not self.per_model:
             return [self.name]
-        return [self.name.replace(PER_MODEL, endpoint.upper()) for endpoint in ENDPOINTS]
+        return [self.name.replace(PER_MODEL, endpoint.upper()) for endpoint in endpoints()]
 
 
 DEVICE = "Device and inference backend"
@@ -239,7 +243,7 @@ class Settings:
         per_endpoint = {
             setting: {
                 endpoint: value
-                for endpoint in ENDPOINTS
+                for endpoint in endpoints()
                 if (value := declared([setting], endpoint)[setting]) is not None
             }
             for setting in ("max_batch_size", "max_latency_ms")
@@ -250,7 +254,7 @@ class Settings:
             connections=dataclass_of(ConnectionLimits),
             models={
                 key: ModelSettings(key, name, **declared(("tag", "backend", "precision"), key))
-                for key, name in MODEL_KEYS.items()
+                for key, name in model_keys().items()
             },
             **per_endpoint,
             renamed_in_use=tuple(old for old in RENAMED_MODEL_SETTINGS if old in environ),
@@ -278,7 +282,7 @@ class Settings:
         """The batching of every endpoint on this device: each model's measured default,
         overridden by the settings."""
         resolved = {}
-        for endpoint in ENDPOINTS:
+        for endpoint in endpoints():
             serving = model_spec(endpoint).serving
             base = serving.batching[serving.device_type(device_type)]
             resolved[endpoint] = Batching(
@@ -295,12 +299,6 @@ SERVICE_FIELDS = tuple(
     if f.name not in ("limits", "connections", "models", "max_batch_size", "max_latency_ms",
                       "renamed_in_use")
 )  # fmt: skip
-
-
-@functools.cache
-def current_settings() -> Settings:
-    """The settings of this process, read from the environment once."""
-    return Settings.from_env()
 
 
 def resolve_backend(model: ModelSettings, device_type: str, torch_installed: bool = True) -> str:
@@ -414,7 +412,7 @@ def reference() -> str:
         "The service reads these environment variables once, at start-up. A value it cannot "
         "use stops the start with one line naming the variable. "
         f"`{PER_MODEL}` stands for each model's endpoint: "
-        + ", ".join(f"`{endpoint.upper()}`" for endpoint in ENDPOINTS)
+        + ", ".join(f"`{endpoint.upper()}`" for endpoint in endpoints())
         + ".",
     ]
     for group in dict.fromkeys(setting.group for setting in DECLARED):

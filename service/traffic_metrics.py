@@ -47,6 +47,9 @@ class _RouteChildren:
 class RouteTrafficMetrics(BentoTrafficMetrics):
     """BentoML's traffic metrics with the children of each API route looked up once."""
 
+    # The API routes (the route table's paths, set when the service is built): only
+    # these are cached, so the cache is bounded.
+    api_routes: frozenset[str] = frozenset()
     _routes: dict[str, _RouteChildren]
     _last_request: Any
 
@@ -58,12 +61,17 @@ class RouteTrafficMetrics(BentoTrafficMetrics):
             service_version=server_context.bento_version,
             runner_name=server_context.service_name,
         )
+        # As BentoML does for its own API methods: every route starts with its 200 and
+        # 500 counts at zero, so that a rate over them exists before the first request.
+        for path in self.api_routes:
+            for status in (200, 500):
+                self._status(self._route(path), status)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if not self._is_setup:
             self._setup()
         path = scope.get("path")
-        if scope["type"] != "http" or path not in server_context.service_routes:
+        if scope["type"] != "http" or path not in self.api_routes:
             await super().__call__(scope, receive, send)
             return
         route = self._routes.get(path) or self._route(path)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -22,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -115,7 +117,130 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class ServedProcess:
+class HttpCalls:
+    """JSON and file uploads on top of a ``request(path, data=, headers=) → (status,
+    headers, body)``, for a served process and an in-process service alike."""
+
+    def post_json(self, path: str, payload: object, timeout: float = 60.0) -> tuple[int, object]:
+        """POST a JSON body; (status, decoded JSON body or raw bytes)."""
+        status, _, body = self.request(
+            path,
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+            timeout=timeout,
+        )
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, body
+
+    def post_files(
+        self,
+        path: str,
+        field: str,
+        files: Sequence[bytes],
+        content_type: str | None = "application/octet-stream",
+    ) -> tuple[int, object]:
+        """POST files as multipart/form-data parts named ``field``; (status, decoded JSON)."""
+        body, form_type = multipart_body(file_parts(field, files, content_type))
+        header = {"Content-Type": form_type}
+        status, _, raw = self.request(path, data=body, headers=header)
+        return status, json.loads(raw)
+
+
+class InProcessService(HttpCalls):
+    """The service built from explicit settings (``service.bento.build_service``) and
+    called in process through httpx's ASGI transport: every layer of a worker's app
+    (BentoML's middleware, the gate, the route table, the batchers, the models)
+    without a process or a socket. Its event loop runs in a background thread, so
+    that tests stay synchronous and a service lives across tests."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        import httpx
+
+        from service.bento import build_service
+        from service.settings import Settings
+
+        self.settings = Settings.from_env(environ)
+        self.service = build_service(self.settings)
+        self.app = self.service.to_asgi(is_main=True)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        self.call(self._lifespan.__aenter__())  # BentoML creates the service instance
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://in-process"
+        )
+
+    @property
+    def instance(self):
+        """The worker's ``ServingApp`` (models, tasks, batchers)."""
+        import bentoml
+
+        return bentoml.get_current_service().app
+
+    def call(self, coroutine, timeout: float = 300.0):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def request(
+        self,
+        path: str,
+        *,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        method: str | None = None,
+        timeout: float = 60.0,
+    ) -> tuple[int, dict[str, str], bytes]:
+        method = method or ("GET" if data is None else "POST")
+        response = self.call(
+            self.client.request(method, path, content=data, headers=headers), timeout
+        )
+        return response.status_code, dict(response.headers), response.content
+
+    def request_all(self, requests: Sequence[tuple[str, bytes, str]]) -> list[tuple[int, bytes]]:
+        """Send every (path, body, content type) at once; (status, body) each, in order."""
+
+        async def send(path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+            response = await self.client.post(
+                path, content=body, headers={"Content-Type": content_type}
+            )
+            return response.status_code, response.content
+
+        async def everything():
+            return await asyncio.gather(*(send(*request) for request in requests))
+
+        return self.call(everything())
+
+    def stop(self) -> None:
+        self.call(self.client.aclose())
+        self.call(self._lifespan.__aexit__(None, None, None))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+
+
+# Settings of the services tests build: the CPU, one thread per model (the test machine's
+# other core runs the test itself).
+TEST_SERVICE_ENV = {"SERVING_DEVICE": "cpu", "SERVING_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def in_process(model_store: dict[str, str]) -> Iterator[Callable[..., InProcessService]]:
+    """Build a service in process: ``in_process(env) → InProcessService`` (settings from
+    ``env`` alone, not from this process's environment); stopped after the module."""
+    started: list[InProcessService] = []
+
+    def start(env: Mapping[str, str] | None = None) -> InProcessService:
+        service = InProcessService({**TEST_SERVICE_ENV, **(env or {})})
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+class ServedProcess(HttpCalls):
     """``bentoml serve <target>`` in its own process group, stopped as one."""
 
     def __init__(self, target: str, env: Mapping[str, str], log_path: Path) -> None:
@@ -163,32 +288,6 @@ class ServedProcess:
                 return response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as error:
             return error.code, dict(error.headers), error.read()
-
-    def post_json(self, path: str, payload: object, timeout: float = 60.0) -> tuple[int, object]:
-        """POST a JSON body; (status, decoded JSON body or raw bytes)."""
-        status, _, body = self.request(
-            path,
-            data=json.dumps(payload).encode(),
-            headers={"Content-Type": "application/json"},
-            timeout=timeout,
-        )
-        try:
-            return status, json.loads(body)
-        except ValueError:
-            return status, body
-
-    def post_files(
-        self,
-        path: str,
-        field: str,
-        files: Sequence[bytes],
-        content_type: str | None = "application/octet-stream",
-    ) -> tuple[int, object]:
-        """POST files as multipart/form-data parts named ``field``; (status, decoded JSON)."""
-        body, form_type = multipart_body(file_parts(field, files, content_type))
-        header = {"Content-Type": form_type}
-        status, _, raw = self.request(path, data=body, headers=header)
-        return status, json.loads(raw)
 
     def log(self) -> str:
         self._log.flush()

@@ -1,5 +1,5 @@
 """``service.framework_hooks``: every replaced framework piece is in effect once the
-service is imported, and a start-up check refuses to start, naming the hook and
+service is built, and a start-up check refuses to start, naming the hook and
 the versions, as soon as one is not (an upgrade that moved the piece)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from service.framework_hooks import HOOKS, HookNotInEffect
 
 
 @pytest.fixture(autouse=True)
-def service_imported(model_store):
-    import service.service  # noqa: F401  (installs the hooks)
+def service_built(model_store):
+    from service.service import ServingService  # noqa: F401  (built: the hooks installed)
 
 
 def test_every_hook_is_in_effect():
@@ -98,7 +98,7 @@ def test_the_check_reads_framework_sources_without_importing_them(bentoml_home):
 
     program = (
         "import sys, service.settings as s, service.framework_hooks as h\n"
-        "h.install(s.current_settings()); h.check()\n"
+        "h.install(s.Settings.from_env()); h.check()\n"
         "print(sorted(m for m in ('_bentoml_impl.server', '_bentoml_impl.server.app',\n"
         "    '_bentoml_impl.worker.service') if m in sys.modules))\n"
     )

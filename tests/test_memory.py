@@ -133,15 +133,11 @@ TEST_TIMEOUT_S = 3600.0
 def service_app(model_store):
     """The app BentoML builds for the service in a worker (its lifespan, which
     creates the service instance, is entered by the test that serves requests)."""
-    from service.service import ServingService
+    from service.bento import build_service
+    from service.settings import Settings
 
-    traffic = ServingService.config["traffic"]
-    configured = traffic["timeout"]
-    traffic["timeout"] = TEST_TIMEOUT_S
-    try:
-        yield ServingService.to_asgi(is_main=True)
-    finally:
-        traffic["timeout"] = configured
+    environ = {"SERVING_DEVICE": "cpu", "SERVING_REQUEST_TIMEOUT_S": str(TEST_TIMEOUT_S)}
+    return build_service(Settings.from_env(environ)).to_asgi(is_main=True)
 
 
 def test_bentoml_builds_the_service_s_replacements(service_app):

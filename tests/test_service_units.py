@@ -26,15 +26,13 @@ from service.errors import Problem, RequestError, ServiceBusy
 from service.http import JSON, MULTIPART, PNG, ApiGate, DisconnectLog, InFlight, Reply
 from service.imaging import ImageError, encode_png, grid_png, load_image, open_image
 from service.memory import PixelBudget, RequestPixels
-from service.requests import (
-    GenerateInput,
-    SentimentInput,
-    form_files,
-    identify_images,
-    parse_form,
-    parse_json,
-)
+from service.requests import form_files, identify_images, parse_form, parse_json
+from service.schemas import generate_input, text_inputs
 from service.settings import Settings, SettingsError, resolve_backend, resolve_precision
+
+LIMITS = Settings.from_env({}).limits
+SentimentInput, _ = text_inputs("sentiment", LIMITS)
+GenerateInput = generate_input("generate", LIMITS, 10)
 
 # --- settings -------------------------------------------------------------------------
 
@@ -694,14 +692,14 @@ def test_the_classifier_input_is_exactly_the_training_preprocessing():
 
 
 def test_route_traffic_metrics_look_each_child_up_once(monkeypatch):
-    from bentoml._internal.context import server_context
     from bentoml._internal.server.http import instruments
 
-    import service.service  # noqa: F401  (installs the class, as a worker does)
+    from service import framework_hooks
     from service.traffic_metrics import RouteTrafficMetrics
 
+    monkeypatch.setattr(RouteTrafficMetrics, "api_routes", RouteTrafficMetrics.api_routes)
+    framework_hooks.install(Settings.from_env({}), ["/classify"])  # as building the service does
     assert instruments.RunnerTrafficMetricsMiddleware is RouteTrafficMetrics
-    monkeypatch.setattr(server_context, "service_routes", ["/classify"])
 
     async def app(scope, receive, send):
         status = 200 if scope["path"] == "/classify" else 404

@@ -14,13 +14,13 @@ import pytest
 
 from service.settings import (
     DECLARED,
-    ENDPOINTS,
     PREFIX,
     RENAMED_MODEL_SETTINGS,
     ConnectionLimits,
     Limits,
     Settings,
     SettingsError,
+    endpoints,
     reference,
 )
 
@@ -52,7 +52,7 @@ def test_the_parser_reads_exactly_the_declared_variables():
     environ = RecordingEnviron()
     Settings.from_env(environ)
     assert environ.asked - set(RENAMED_MODEL_SETTINGS) == declared_variables()
-    assert {f"{PREFIX}{e.upper()}_MAX_BATCH_SIZE" for e in ENDPOINTS} <= environ.asked
+    assert {f"{PREFIX}{e.upper()}_MAX_BATCH_SIZE" for e in endpoints()} <= environ.asked
 
 
 def test_every_value_holding_field_comes_from_one_declaration():
@@ -128,12 +128,12 @@ def test_defaults_quoted_in_the_docs_are_the_declared_ones():
 
 def test_serving_defaults_come_from_each_model_s_spec():
     from models.registry import REGISTRY
-    from service.settings import MODEL_KEYS, resolve_backend
+    from service.settings import model_keys, resolve_backend
 
     settings = Settings.from_env({})
     for device_type in ("cpu", "cuda"):
         batching = settings.resolve_batching(device_type)
-        for endpoint, name in MODEL_KEYS.items():
+        for endpoint, name in model_keys().items():
             serving = REGISTRY[name].serving
             assert batching[endpoint] == serving.batching[device_type]
             model = settings.models[endpoint]

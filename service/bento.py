@@ -1,0 +1,160 @@
+"""The BentoML service, built from a ``Settings`` object: ``build_service(settings)``.
+
+BentoML does what it is good at, through its public API: the worker processes
+(``workers``), the model store (one ``BentoModel`` per served model, which
+``bentoml build`` packs into the bento), the probes, ``/metrics``, tracing, the
+request timeout, the web page (``asgi_app``), ``bentoml build`` and
+``containerize``. The API routes are the route table's (``service.routes``):
+
+* the ASGI gate (``service.http.ApiGate``, added with ``add_asgi_middleware``)
+  answers them through the worker's ``ServingApp``;
+* ``RoutedService`` (BentoML's ``service_class``) adds them to the documents
+  BentoML serves: the OpenAPI document behind the page at ``/`` and the
+  ``/schema.json`` that ``bentoml.SyncHTTPClient`` builds its methods from.
+
+Building the service installs the framework hooks (``service.framework_hooks``)
+and reads the model store's entries for the tags to serve; each worker then
+loads its models once, at start-up. Nothing happens at import.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import bentoml
+
+from models.registry import REGISTRY, ModelSpec, get_spec
+from service import framework_hooks, openapi
+from service.app import ServingApp, placement
+from service.backends import check_placement, resolve_device
+from service.http import ApiGate, Reply
+from service.model_store import check_store_entries, load_stored_artifact, served_model_tags
+from service.routes import RouteTable
+from service.settings import Settings
+from service.tasks import task_kind
+from service.webpage import PAGE_PATH, page_app
+
+SERVICE_NAME = "digit-sentiment-serving"
+
+
+def route_table(specs: list[ModelSpec], settings: Settings) -> RouteTable:
+    """Every API route of the served models, from their specs."""
+    return RouteTable(
+        route for spec in specs for route in task_kind(spec).routes(spec, settings.limits)
+    )
+
+
+class RoutedService(bentoml.Service):
+    """BentoML's service, with the route table's routes in its documents."""
+
+    @property
+    def route_table(self) -> RouteTable:
+        return self.inner.route_table
+
+    def schema(self) -> dict[str, Any]:
+        schema = super().schema()
+        schema["routes"] = [*schema.get("routes", []), *openapi.client_routes(self.route_table)]
+        schema["paths"] = {
+            **schema.get("paths", {}),
+            **{p: {"mounted": False} for p in self.route_table},
+        }
+        return schema
+
+    @property
+    def openapi_spec(self) -> Any:
+        from bentoml._internal.service.openapi.specification import PathItem, Schema
+        from bentoml._internal.utils.cattr import bentoml_cattr
+
+        # BentoML's document is made of its OpenAPI classes (its YAML and JSON writers
+        # expect them); the route table's parts are read into the same classes.
+        spec = super().openapi_spec
+        for path, item in openapi.paths(self.route_table).items():
+            spec.paths[path] = bentoml_cattr.structure(item, PathItem)
+        schemas = spec.components.setdefault("schemas", {})
+        for name, schema in openapi.components(self.route_table).items():
+            schemas[name] = bentoml_cattr.structure(schema, Schema)
+        return spec
+
+
+def build_service(settings: Settings) -> bentoml.Service:
+    """The service for these settings: its models, routes, web page and configuration."""
+    table = route_table(list(REGISTRY.values()), settings)
+    framework_hooks.install(settings, api_routes=table)
+    tags = served_model_tags({key: model.tag for key, model in settings.models.items()})
+    check_store_entries(tags.values())
+
+    class ServingService:
+        """Classify handwritten digits, tell the sentiment of English text and generate digits.
+
+        PyTorch models (an MNIST CNN, an SST-2 BiLSTM and a conditional DCGAN, and
+        any other model in the registry), served with adaptive batching on the GPU
+        or the CPU. Bad input gets a 4xx with a JSON body
+        ``{"error": "...", "detail": [{"type", "loc", "msg"}]}``.
+
+        **[Try the models in your browser at /ui](/ui/)**: draw a digit, type a review,
+        generate digits.
+        """
+
+        route_table = table
+
+        def __init__(self) -> None:
+            _configure_logging(settings.log_level)
+            framework_hooks.check()
+            stored = {key: getattr(self, _attribute(key)) for key in tags}
+            self.app = ServingApp(settings, table, stored)
+
+        @bentoml.on_deployment
+        def check_configuration() -> None:
+            """Before any worker starts: the framework hooks are in effect, and every
+            model is in the store, verified, and can run as configured; otherwise
+            ``bentoml serve`` stops here with the reason, instead of restarting workers
+            that fail one after another."""
+            framework_hooks.check()
+            device = resolve_device(settings.device)
+            for key, tag in tags.items():
+                artifact = load_stored_artifact(bentoml.models.get(tag).path)
+                check_placement(get_spec(settings.models[key].registry_name), artifact,
+                                placement(settings, key, device))  # fmt: skip
+
+        def refusal(self, path: str) -> Reply | None:
+            return self.app.refusal(path)
+
+        async def handle(self, *request: Any) -> Reply:
+            return await self.app.handle(*request)
+
+    for key, tag in tags.items():
+        setattr(ServingService, _attribute(key), bentoml.models.BentoModel(tag))
+    service = bentoml.service(
+        name=SERVICE_NAME,
+        service_class=RoutedService,
+        workers=settings.workers,
+        traffic={"timeout": settings.request_timeout_s},
+        logging={"access": {"enabled": settings.access_log}},
+        **({} if settings.tracing else {"tracing": {"excluded_urls": list(table)}}),
+    )(bentoml.asgi_app(page_app(), path=PAGE_PATH)(ServingService))
+    service.add_asgi_middleware(
+        ApiGate,
+        routes=table.media_types(),
+        max_body_bytes=settings.limits.max_body_bytes,
+        handler=bentoml.get_current_service,
+    )
+    return service
+
+
+def _attribute(key: str) -> str:
+    return f"{key}_model"
+
+
+def _configure_logging(level: str) -> None:
+    """Show this package's log in the server output.
+
+    BentoML's logging setup leaves the root logger at WARNING and disables
+    loggers that existed before it ran, which would hide the start-up summary.
+    """
+    logging.getLogger("service").setLevel(level)
+    for name, logger in logging.root.manager.loggerDict.items():
+        if (name == "service" or name.startswith("service.")) and isinstance(
+            logger, logging.Logger
+        ):
+            logger.disabled = False

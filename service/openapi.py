@@ -1,0 +1,165 @@
+"""The route table as documents: OpenAPI paths and the schema BentoML's clients read.
+
+* ``paths`` and ``components``: an OpenAPI 3 operation per route, with every body
+  form it takes (JSON, multipart fields, a raw image), its answer (JSON and/or
+  PNG) and every error status the service answers it with, in the service's
+  error shape. BentoML's document (``/docs.json``, the page at ``/``) gets these
+  next to its own infrastructure endpoints (``service.bento``).
+* ``client_routes``: the entries of ``/schema.json`` from which
+  ``bentoml.SyncHTTPClient`` builds its methods (``client.classify(image=...)``):
+  a file field is ``{"type": "file"}``, which makes the client send multipart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from service.http import IMAGE_TYPES, JSON, MULTIPART, PNG
+from service.routes import Route, RouteTable
+
+REF = "#/components/schemas/{model}"
+ERROR_SCHEMA = "ServiceError"
+TAG = "Service APIs"
+
+# Every status an API route answers besides 200, and when.
+ERROR_STATUSES = {
+    400: "The body is not valid: the error names each bad field or file.",
+    405: "Not a POST request.",
+    413: "The body is larger than SERVING_MAX_BODY_BYTES.",
+    415: "A Content-Type the route does not take.",
+    500: "A fault of the server (logged); the server keeps serving.",
+    503: "The model's queue is full (or the server is draining): retry shortly.",
+    504: "No answer within SERVING_REQUEST_TIMEOUT_S.",
+}
+
+_ERROR = {
+    "type": "object",
+    "required": ["error", "detail"],
+    "properties": {
+        "error": {"type": "string", "description": "One line naming the problem."},
+        "detail": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "loc", "msg"],
+                "properties": {
+                    "type": {"type": "string", "examples": ["invalid_image"]},
+                    "loc": {
+                        "type": "array",
+                        "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                        "examples": [["images", 1]],
+                    },
+                    "msg": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+_BINARY = {"type": "string", "format": "binary"}
+
+
+def paths(table: RouteTable) -> dict[str, dict]:
+    return {path: {"post": _operation(route)} for path, route in table.items()}
+
+
+def components(table: RouteTable) -> dict[str, dict]:
+    """The schemas the operations refer to, by name."""
+    schemas: dict[str, dict] = {ERROR_SCHEMA: _ERROR}
+    for route in table.values():
+        for model, mode in ((route.json_body, "validation"), (route.response, "serialization")):
+            if model is not None:
+                schema = _schema(model, mode)
+                schemas.update(schema.pop("$defs", {}))
+                schemas[_name(model)] = schema
+    return schemas
+
+
+def client_routes(table: RouteTable) -> list[dict[str, Any]]:
+    """``/schema.json``'s ``routes``, in the form BentoML's HTTP clients read."""
+    return [
+        {
+            "name": route.name,
+            "route": route.path,
+            "description": route.description,
+            "batchable": False,
+            "input": _client_input(route),
+            "output": _inline(route.response) if route.response is not None else _BINARY,
+            "is_task": False,
+        }
+        for route in table.values()
+    ]
+
+
+def _operation(route: Route) -> dict:
+    return {
+        "summary": route.summary,
+        "description": route.description,
+        "operationId": route.name,
+        "tags": [TAG],
+        "requestBody": {"required": True, "content": _request_content(route)},
+        "responses": {
+            "200": {"description": "The answer.", "content": _response_content(route)},
+            **{
+                str(status): {
+                    "description": why,
+                    "content": {JSON: {"schema": {"$ref": REF.format(model=ERROR_SCHEMA)}}},
+                }
+                for status, why in ERROR_STATUSES.items()
+            },
+        },
+    }
+
+
+def _request_content(route: Route) -> dict:
+    if route.json_body is not None:
+        return {JSON: {"schema": {"$ref": REF.format(model=_name(route.json_body))}}}
+    content: dict[str, dict] = {MULTIPART: {"schema": _form_schema(route, _BINARY)}}
+    if route.raw_image:
+        content.update({media_type: {"schema": _BINARY} for media_type in IMAGE_TYPES})
+    return content
+
+
+def _response_content(route: Route) -> dict:
+    content = {}
+    if route.response is not None:
+        content[JSON] = {"schema": {"$ref": REF.format(model=_name(route.response))}}
+    if route.png:
+        content[PNG] = {"schema": _BINARY}
+    return content
+
+
+def _form_schema(route: Route, file_schema: dict) -> dict:
+    properties = {}
+    for field in route.files:
+        if field.max_items is None:
+            properties[field.name] = {**file_schema, "description": field.description}
+        else:
+            properties[field.name] = {
+                "type": "array",
+                "items": file_schema,
+                "minItems": 1,
+                "maxItems": field.max_items,
+                "description": field.description,
+            }
+    return {"type": "object", "required": [f.name for f in route.files], "properties": properties}
+
+
+def _client_input(route: Route) -> dict:
+    if route.json_body is not None:
+        return _inline(route.json_body)
+    return _form_schema(route, {"type": "file", "format": "image"})
+
+
+def _schema(model: type[BaseModel], mode: str) -> dict:
+    return model.model_json_schema(ref_template=REF, mode=mode)  # type: ignore[arg-type]
+
+
+def _inline(model: type[BaseModel]) -> dict:
+    """A schema with its definitions inside it, as a client reads one route alone."""
+    return model.model_json_schema(mode="validation")
+
+
+def _name(model: type[BaseModel]) -> str:
+    return model.__name__

@@ -1,0 +1,112 @@
+"""The route table: every API route declared once.
+
+A ``Route`` says everything about one route: its path and name, the bodies it
+takes (a JSON schema, file fields, a raw image), the answer it gives, the model
+whose task answers it and whether its requests wait in that model's batcher
+queue. The table is built from the models' specs (``service.tasks`` turns each
+spec into its routes), and everything else is built from the table: the ASGI
+gate's routing (``service.http``), request decoding (``Route.decode``), the
+answer (``Route.answer``), the OpenAPI document and the schema BentoML's
+clients read (``service.openapi``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from service.http import IMAGE_TYPES, JSON, MULTIPART, Reply
+from service.requests import form_files, parse_form, parse_json
+
+# Form parts one request may carry beyond its files: a few other fields.
+EXTRA_FORM_PARTS = 16
+
+
+@dataclass(frozen=True)
+class FileField:
+    """A multipart field that carries image files."""
+
+    name: str
+    description: str
+    max_items: int | None = None  # None: exactly one file; else 1..max_items
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    name: str  # the operation's name: BentoML's clients call it as a method
+    endpoint: str  # the model (its spec's ``endpoint``) whose task answers the route
+    summary: str
+    description: str
+    # (the model's task, the decoded request) → the answer
+    answer: Callable[[Any, Any], Awaitable[Reply]]
+    json_body: type[BaseModel] | None = None  # a JSON body validated by this schema
+    files: tuple[FileField, ...] = ()  # or a multipart body with these fields
+    raw_image: bool = False  # the one file may also be the whole body (image/png, ...)
+    response: type[BaseModel] | None = None  # the JSON answer, if it has one
+    png: bool = False  # the answer may be a PNG (Content-Type image/png)
+    # Its requests wait in the model's batcher queue, so a full queue refuses them
+    # (503) before their body is read.
+    queued: bool = True
+
+    @property
+    def media_types(self) -> tuple[str, ...]:
+        if self.json_body is not None:
+            return (JSON,)
+        return (MULTIPART, *IMAGE_TYPES) if self.raw_image else (MULTIPART,)
+
+    @property
+    def max_form_parts(self) -> int:
+        return sum(field.max_items or 1 for field in self.files) + EXTRA_FORM_PARTS
+
+    def decode(self, media_type: str, content_type: str, body: bytes) -> Any:
+        """The body → the request the answer takes: the validated JSON model, or
+        ``{field: [(file bytes, location), ...]}``; raises ``RequestError``."""
+        if self.json_body is not None:
+            return parse_json(self.json_body, body)
+        if media_type != MULTIPART:  # a raw image body (the gate checked the type)
+            [field] = self.files
+            return {field.name: [(body, (field.name,))]}
+        parts = parse_form(body, content_type, max_parts=self.max_form_parts)
+        return {
+            field.name: form_files(parts, field.name, max_items=field.max_items)
+            for field in self.files
+        }
+
+
+class RouteTable(Mapping[str, Route]):
+    """The routes by path, in declaration order; two routes with one path or name are an
+    error at start-up, not a route silently shadowed."""
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self._routes: dict[str, Route] = {}
+        names: set[str] = set()
+        for route in routes:
+            if route.path in self._routes or route.name in names:
+                raise ValueError(f"two routes are declared as {route.path} ({route.name})")
+            self._routes[route.path] = route
+            names.add(route.name)
+
+    def __getitem__(self, path: str) -> Route:
+        return self._routes[path]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._routes)
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def media_types(self) -> dict[str, tuple[str, ...]]:
+        """What the gate needs: path → the media types it accepts."""
+        return {path: route.media_types for path, route in self._routes.items()}
+
+    def queued_paths(self, endpoint: str) -> tuple[str, ...]:
+        """The routes whose requests wait in ``endpoint``'s batcher queue."""
+        return tuple(
+            path
+            for path, route in self._routes.items()
+            if route.endpoint == endpoint and route.queued
+        )
