@@ -37,7 +37,6 @@ _RULES = (
      r"|^service/inference\.py:DigitGeneration\.prepare"),
     ("generator output to pixels (torch)", r"^models/preprocessing\.py:digits_from_generator"),
     ("image decode and preprocessing", r"^service/imaging\.py:load_image|^models/preprocessing"
-     r"|^service/service\.py:_(guarded_)?image_row"
      r"|^service/inference\.py:(DigitClassification\.)?(prepare_images|decode_and_prepare)"),
     ("response PNG encoding", r"^service/imaging\.py:(grid_png|encode_png)"),
     ("model inference (ONNX Runtime / PyTorch)", r"^service/backends\.py|^onnxruntime/|^torch/"),
@@ -49,8 +48,9 @@ _RULES = (
     ("tracing (OpenTelemetry)", r"^opentelemetry/|^asgi/__init__|^trace/|^attributes/"
      r"|^sdk/trace|^context/|^propagate/|^baggage/|^util/http"),
     ("metrics (Prometheus)", r"^prometheus_client/|instruments\.py"),
-    ("request gate and dispatch (service/http.py, ServingService.handle)",
-     r"^service/http\.py|^service/service\.py:ServingService\.handle"),
+    ("request gate and dispatch (service/http.py, the route table, the tasks' answers)",
+     r"^service/http\.py|^service/app\.py|^service/bento\.py|^service/routes\.py"
+     r"|^service/tasks\.py"),
     ("BentoML/Starlette routing and middleware", r"^starlette/|^_bentoml_impl/|^bentoml/"
      r"|^_bentoml_sdk/|^anyio/"),
     ("HTTP protocol (uvicorn)", r"^uvicorn/protocols/|^h11/|^httptools/"),

@@ -239,7 +239,7 @@ class ModelSpec:
         return module.to(device).eval()
 
 
-def _digit_images(
+def digit_image_examples(
     config: Mapping[str, Any], batch_size: int, seed: int, sequence_length: int
 ) -> tuple[np.ndarray, ...]:
     side = config["image_size"]
@@ -274,7 +274,7 @@ RELEASED: tuple[ModelSpec, ...] = (
         endpoint="classify",
         task="digit-classification",
         training="training.mnist",
-        example=_digit_images,
+        example=digit_image_examples,
         verification=Verification(
             data="training.evaluation:mnist_test_split", split="MNIST test split"
         ),

@@ -171,7 +171,7 @@ def test_profile_summary_attributes_time_to_the_deepest_known_frame():
         "image decode and preprocessing": 50.0,
         "response PNG encoding": 30.0,
         profiling.WAITING_CATEGORY: 15.0,
-        "request gate and dispatch (service/http.py, ServingService.handle)": 5.0,
+        "request gate and dispatch (service/http.py, the route table, the tasks' answers)": 5.0,
     }
     assert dict(summary.inclusive)["service/http.py:ApiGate.__call__"] == 85.0
     assert "| response PNG encoding | 30.0 |" in profiling.markdown(summary, "t")
