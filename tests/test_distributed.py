@@ -346,11 +346,9 @@ def test_two_process_gan_writes_one_complete_artifact(mnist_run, tmp_path):
 def test_resuming_with_other_settings_is_refused(mnist_run, tmp_path):
     checkpoints = mnist_run / "checkpoints"
     # The checkpoint was written by 2 processes with batch size 128; this is 1 process, 64.
-    args = mnist.build_parser().parse_args(
-        ["--smoke", "--batch-size", "64", "--checkpoint-dir", str(checkpoints), "--resume"]
-    )
+    config = mnist.TrainConfig(batch_size=64, smoke=True, checkpoint_dir=checkpoints, resume=True)
     with pytest.raises(ValueError, match=r"batch_size.*world_size"):
-        mnist.train(mnist.TrainConfig(batch_size=64, smoke=True), args, torch.device("cpu"))
+        mnist.train(config.resolved(), torch.device("cpu"))
 
 
 def test_backend_choice_and_global_batch_split():

@@ -1,16 +1,22 @@
-"""Pieces every training script shares: device choice, seeding, data paths,
-run provenance, and writing a trained model as a verified artifact."""
+"""Pieces every training script shares: the run options (``RunConfig``), device
+choice, seeding, data paths, run provenance, and writing a trained model as a
+verified artifact."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
+import dataclasses
 import os
 import platform
 import random
 import shlex
 import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
@@ -19,6 +25,7 @@ from models.artifacts import staged_artifact, write_model_files
 from models.devices import DEVICE_NAMES, DeviceError, choose_device, valid_device_name
 from models.registry import REGISTRY, ModelSpec, artifacts_root
 from training import distributed
+from training.config import config_record
 from training.log import configure_logging
 from training.sources import default_data_dir
 
@@ -29,6 +36,85 @@ def device_argument(value: str) -> str:
         return valid_device_name(value)
     except DeviceError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The options every training script shares; each script's ``TrainConfig``
+    extends it with its own fields (``training.config`` makes them its command line).
+
+    A script sets ``DEFAULT_EPOCHS``, and ``DATA`` and ``SMOKE`` for its help."""
+
+    DEFAULT_EPOCHS: ClassVar[int] = 1
+    DATA: ClassVar[str] = "the data sets (training.sources)"
+    SMOKE: ClassVar[str] = "a run of seconds on a subset"
+
+    data_dir: Path = field(
+        default_factory=default_data_dir, metadata={"help": "directory holding {DATA}"}
+    )
+    output_dir: Path | None = field(
+        default=None,
+        metadata={
+            "help": "artifact root; the model goes to <root>/<model name> "
+            "(default: models.registry.artifacts_root())",
+            "plumbing": True,
+        },
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": DEVICE_NAMES, "parse": device_argument, "plumbing": True},
+    )
+    seed: int = field(
+        default=0, metadata={"help": "seed of every generator (torchrun's process r: seed + r)"}
+    )
+    epochs: int | None = field(
+        default=None,
+        metadata={
+            "help": "passes over the training data (default: {DEFAULT_EPOCHS}; 1 with --smoke)"
+        },
+    )
+    batch_size: int = field(
+        default=64, metadata={"help": "examples per optimiser step, over all processes"}
+    )
+    threads: int | None = field(
+        default=None, metadata={"help": "torch.set_num_threads", "plumbing": True}
+    )
+    smoke: bool = field(default=False, metadata={"help": "{SMOKE}; marks the artifact smoke"})
+    checkpoint_dir: Path | None = field(
+        default=None,
+        metadata={
+            "help": "write a checkpoint there after every epoch (default: none)",
+            "plumbing": True,
+        },
+    )
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "continue from the checkpoint in --checkpoint-dir if there is one",
+            "plumbing": True,
+        },
+    )
+    dist_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "torch.distributed backend under torchrun (auto: nccl on CUDA, else gloo)",
+            "choices": distributed.BACKENDS,
+            "plumbing": True,
+        },
+    )
+
+    def resolved(self) -> Self:
+        """The config with the defaults that depend on ``--smoke`` settled (``epochs``;
+        a script adds its own): what ``run`` trains with and records."""
+        if self.epochs is not None:
+            return self
+        return dataclasses.replace(self, epochs=1 if self.smoke else self.DEFAULT_EPOCHS)
+
+    def settings(self) -> dict[str, Any]:
+        """What shapes the trained weights: every field but the plumbing. A checkpoint
+        resumes only under the same settings (``training.distributed.load_checkpoint``)."""
+        plumbing = {item.name for item in dataclasses.fields(self) if item.metadata.get("plumbing")}
+        return {name: value for name, value in config_record(self).items() if name not in plumbing}
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -47,11 +133,32 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def run_provenance(device: torch.device, argv: list[str] | None) -> dict[str, Any]:
+# The command line ``main`` parsed, while its ``run`` runs; unset when ``run`` is
+# called with a config object (the pipeline), and the process's own command is recorded.
+_COMMAND_LINE: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "command_line", default=None
+)
+
+
+@contextlib.contextmanager
+def invoked_with(argv: Sequence[str] | None) -> Iterator[None]:
+    """Record ``argv`` (``None``: the process's own) as the command of the run inside."""
+    token = _COMMAND_LINE.set(None if argv is None else list(argv))
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def run_provenance(device: torch.device) -> dict[str, Any]:
     """What reproduces this run: the exact command (with its launcher), how many
-    processes trained and how they talked, the device and framework versions."""
+    processes trained and how they talked, the device and framework versions.
+
+    The command is the script's own when its ``main`` parsed it, else the
+    process's: ``python -m training.pipeline ...`` for a pipeline run."""
     module = sys.modules["__main__"].__spec__
     program = ["-m", module.name] if module else [sys.argv[0]]
+    argv = _COMMAND_LINE.get()
     args = sys.argv[1:] if argv is None else argv
     context = distributed.current()
     if distributed.launched_by_torchrun():
@@ -118,82 +225,21 @@ def add_model_selection_arguments(parser: argparse.ArgumentParser, verb: str) ->
     )
 
 
-def add_run_arguments(
-    parser: argparse.ArgumentParser,
-    *,
-    model_name: str,
-    data_help: str,
-    smoke_help: str,
-    seed: int,
-    epochs: int,
-    batch_size: int,
-) -> None:
-    """The flags every training script shares: data, output, device, seed, size, smoke."""
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=default_data_dir(),
-        help=f"{data_help} (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=None,
-        help=f"artifact root; the model goes to <root>/{model_name} "
-        "(default: models.registry.artifacts_root())",
-    )
-    parser.add_argument("--device", type=device_argument, default="auto", help=DEVICE_NAMES)
-    parser.add_argument("--seed", type=int, default=seed)
-    parser.add_argument(
-        "--epochs", type=int, default=None, help=f"(default: {epochs}; 1 with --smoke)"
-    )
-    parser.set_defaults(default_epochs=epochs)
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument(
-        "--smoke", action="store_true", help=f"{smoke_help}; marks the artifact smoke"
-    )
-    parser.add_argument(
-        "--checkpoint-dir",
-        type=Path,
-        default=None,
-        help="write a checkpoint there after every epoch (default: none)",
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the checkpoint in --checkpoint-dir if there is one",
-    )
-    parser.add_argument(
-        "--dist-backend",
-        choices=distributed.BACKENDS,
-        default="auto",
-        help="torch.distributed backend under torchrun (auto: nccl on CUDA, else gloo)",
-    )
-
-
-def epoch_count(args: argparse.Namespace) -> int:
-    """``--epochs`` if given, else one epoch for ``--smoke`` and the script's default otherwise."""
-    if args.epochs is not None:
-        return args.epochs
-    return 1 if args.smoke else args.default_epochs
-
-
-def start_run(args: argparse.Namespace) -> torch.device:
-    """Logging, CPU threads and the device for a training script's ``main``; under
+def start_run(config: RunConfig) -> torch.device:
+    """Logging, CPU threads and the device for a training script's ``run``; under
     torchrun also joins the process group (see ``training.distributed``)."""
     configure_logging()
-    if args.resume and args.checkpoint_dir is None:
+    if config.resume and config.checkpoint_dir is None:
         raise SystemExit("--resume needs --checkpoint-dir")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    _, device = distributed.init(pick_device(args.device), args.dist_backend)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    _, device = distributed.init(pick_device(config.device), config.dist_backend)
     return device
 
 
-def resume_from(args: argparse.Namespace, settings: dict[str, Any], name: str | None = None):
+def resume_from(config: RunConfig, settings: dict[str, Any], name: str | None = None):
     """The checkpoint to continue from (``--resume``), or ``None`` for a fresh start."""
-    if not args.resume:
+    if not config.resume:
         return None
     extra = {} if name is None else {"name": name}
-    return distributed.load_checkpoint(args.checkpoint_dir, settings, **extra)
+    return distributed.load_checkpoint(config.checkpoint_dir, settings, **extra)

@@ -21,16 +21,18 @@ digit against the 10,000 test images, next to the real-train-vs-test floor.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Subset
 from tqdm import tqdm
@@ -47,14 +49,15 @@ from models.registry import (
 )
 from training import distributed, gan_metrics, reports
 from training.common import (
-    add_run_arguments,
-    epoch_count,
+    RunConfig,
+    invoked_with,
     resume_from,
     run_provenance,
     save_trained_model,
     seed_everything,
     start_run,
 )
+from training.config import config_parser, config_record, parse_config
 from training.data import MNIST_VALIDATION_SIZE, mnist_test_set, mnist_train_validation
 
 log = logging.getLogger(__name__)
@@ -66,48 +69,60 @@ SMOKE_REAL_IMAGES = 400
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 8
-    batch_size: int = 64
-    learning_rate: float = 2e-4
-    betas: tuple[float, float] = (0.5, 0.999)
-    real_label: float = 0.9  # one-sided label smoothing keeps D from saturating
-    ema_decay: float = 0.999
-    selection_samples_per_digit: int = 200
-    evaluation_samples_per_digit: int = 1000
-    real_images: int = 10_000
-    seed: int = 0
-    smoke: bool = False
+class TrainConfig(RunConfig):
+    DEFAULT_EPOCHS: ClassVar[int] = 8
+    DATA: ClassVar[str] = "MNIST/raw"
+    SMOKE: ClassVar[str] = (
+        f"{SMOKE_TRAIN_BATCHES} batches of one epoch, {SMOKE_SAMPLES_PER_DIGIT} samples per digit"
+    )
+
+    batch_size: int = field(
+        default=64, metadata={"help": "real digits per step, over all processes"}
+    )
+    learning_rate: float = field(
+        default=2e-4, metadata={"help": "Adam's learning rate, for G and D", "flag": "--lr"}
+    )
+    betas: tuple[float, float] = field(
+        default=(0.5, 0.999), metadata={"help": "Adam's betas, for G and D"}
+    )
+    real_label: float = field(
+        default=0.9,
+        # One-sided label smoothing keeps D from saturating.
+        metadata={"help": "D's target for real digits"},
+    )
+    ema_decay: float = field(
+        default=0.999, metadata={"help": "of the generator's weight average (what is released)"}
+    )
+    selection_samples_per_digit: int = field(
+        default=200, metadata={"help": "samples per digit that score each epoch on validation"}
+    )
+    evaluation_samples_per_digit: int = field(
+        default=1000, metadata={"help": "samples per digit of the final metrics"}
+    )
+    real_images: int = field(
+        default=10_000, metadata={"help": "test (and train) images the final Fréchet distance uses"}
+    )
+    classifier_dir: Path | None = field(
+        default=None,
+        metadata={
+            "help": "artifact directory of the trained MNIST classifier used to score "
+            "samples (default: the registry's mnist-cnn directory)",
+            # Read only after training, to choose the epoch.
+            "plumbing": True,
+        },
+    )
+    evaluate_only: bool = field(
+        default=False,
+        metadata={
+            "help": "skip training; re-measure the generator already in --output-dir "
+            "and update its metrics and report",
+            "plumbing": True,
+        },
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_run_arguments(
-        parser,
-        model_name=DIGIT_GENERATOR,
-        data_help="directory holding MNIST/raw",
-        smoke_help=f"{SMOKE_TRAIN_BATCHES} batches of one epoch, "
-        f"{SMOKE_SAMPLES_PER_DIGIT} samples per digit",
-        seed=defaults.seed,
-        epochs=defaults.epochs,
-        batch_size=defaults.batch_size,
-    )
-    parser.add_argument(
-        "--classifier-dir",
-        type=Path,
-        default=None,
-        help="artifact directory of the trained MNIST classifier used to score "
-        "samples (default: the registry's mnist-cnn directory)",
-    )
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate)
-    parser.add_argument(
-        "--evaluate-only",
-        action="store_true",
-        help="skip training; re-measure the generator already in --output-dir "
-        "and update its metrics and report",
-    )
-    return parser
+    return config_parser(TrainConfig, __doc__)
 
 
 def mnist_pixels(subset: Subset, limit: int | None = None) -> torch.Tensor:
@@ -155,8 +170,159 @@ def sample_grid(generator: Generator, device: torch.device, per_digit: int = 10)
     return torch.stack(rows).squeeze(2).numpy()
 
 
+@dataclass
+class GanRun:
+    """The networks (DDP-wrapped under torchrun), the generator's moving average,
+    both optimisers and the generator that orders the real digits.
+    ``state_dict`` is what a checkpoint saves of it."""
+
+    generator_network: Generator
+    discriminator_network: Discriminator
+    generator: nn.Module
+    discriminator: nn.Module
+    average: AveragedModel
+    optimizer_g: torch.optim.Optimizer
+    optimizer_d: torch.optim.Optimizer
+    shuffler: torch.Generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator_network.state_dict(),
+            "discriminator": self.discriminator_network.state_dict(),
+            "average": self.average.state_dict(),
+            "optimizer_g": self.optimizer_g.state_dict(),
+            "optimizer_d": self.optimizer_d.state_dict(),
+            "shuffler": self.shuffler.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator_network.load_state_dict(state["generator"])
+        self.discriminator_network.load_state_dict(state["discriminator"])
+        self.average.load_state_dict(state["average"])
+        self.optimizer_g.load_state_dict(state["optimizer_g"])
+        self.optimizer_d.load_state_dict(state["optimizer_d"])
+        self.shuffler.set_state(state["shuffler"])
+
+
+def start_gan(config: TrainConfig, device: torch.device) -> GanRun:
+    context = distributed.current()
+    generator_network = Generator(GeneratorConfig()).to(device)
+    discriminator_network = Discriminator(DiscriminatorConfig()).to(device)
+    generator = distributed.wrap(generator_network, context, device)
+    discriminator = distributed.wrap(discriminator_network, context, device)
+    # The moving average of the generator's weights, starting from its initial ones
+    # (the first update of an AveragedModel copies).
+    average = AveragedModel(
+        generator_network, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)
+    ).eval()
+    average.update_parameters(generator_network)
+    adam = {"lr": config.learning_rate, "betas": config.betas}
+    return GanRun(
+        generator_network=generator_network,
+        discriminator_network=discriminator_network,
+        generator=generator,
+        discriminator=discriminator,
+        average=average,
+        optimizer_g=torch.optim.Adam(generator.parameters(), **adam),
+        optimizer_d=torch.optim.Adam(discriminator.parameters(), **adam),
+        shuffler=torch.Generator().manual_seed(config.seed),
+    )
+
+
+def discriminator_step(
+    run: GanRun, images: torch.Tensor, labels: torch.Tensor, fakes: torch.Tensor, real_label: float
+) -> torch.Tensor:
+    """Real vs fake, and the digit of real images."""
+    real_score, real_class = run.discriminator(images)
+    fake_score, _ = run.discriminator(fakes.detach())
+    loss = (
+        F.binary_cross_entropy_with_logits(real_score, torch.full_like(real_score, real_label))
+        + F.binary_cross_entropy_with_logits(fake_score, torch.zeros_like(fake_score))
+        + F.cross_entropy(real_class, labels)
+    )
+    run.optimizer_d.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer_d.step()
+    return loss
+
+
+def generator_step(run: GanRun, fakes: torch.Tensor, fake_labels: torch.Tensor) -> torch.Tensor:
+    """Look real, and look like the digit that was asked for."""
+    with distributed.no_sync(run.discriminator):
+        fake_score, fake_class = run.discriminator(fakes)
+    loss = F.binary_cross_entropy_with_logits(
+        fake_score, torch.ones_like(fake_score)
+    ) + F.cross_entropy(fake_class, fake_labels)
+    run.optimizer_g.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer_g.step()
+    run.average.update_parameters(run.generator_network)
+    return loss
+
+
+def training_step(
+    run: GanRun, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig
+) -> tuple[float, float]:
+    """A D step, then a G step, on this rank's real digits and as many fakes; their losses."""
+    count, device = len(labels), images.device
+    latent = torch.randn(count, run.generator_network.config.latent_dim, device=device)
+    num_classes = run.generator_network.config.num_classes
+    fake_labels = torch.randint(0, num_classes, (count,), device=device)
+    fakes = run.generator(latent, fake_labels)
+    loss_d = discriminator_step(run, images, labels, fakes, config.real_label)
+    loss_g = generator_step(run, fakes, fake_labels)
+    return loss_d.item(), loss_g.item()
+
+
+def train_one_epoch(
+    run: GanRun,
+    real: torch.Tensor,
+    real_labels: torch.Tensor,
+    config: TrainConfig,
+    device: torch.device,
+    epoch: int,
+) -> tuple[float, float]:
+    """``steps`` batches in a fresh order; the mean D and G losses over every rank."""
+    context = distributed.current()
+    run.generator.train()
+    run.discriminator.train()
+    order = torch.randperm(len(real), generator=run.shuffler)
+    steps = steps_per_epoch(config, len(real))
+    sums = [0.0, 0.0]
+    progress = tqdm(
+        range(steps),
+        desc=f"epoch {epoch}/{config.epochs}",
+        unit="batch",
+        leave=False,
+        disable=not context.is_main,
+    )
+    for step in progress:
+        batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+        batch = distributed.shard(context, batch)
+        losses = training_step(run, real[batch].to(device), real_labels[batch].to(device), config)
+        sums = [total + loss for total, loss in zip(sums, losses, strict=True)]
+        progress.set_postfix(d=f"{sums[0] / (step + 1):.3f}", g=f"{sums[1] / (step + 1):.3f}")
+    progress.close()
+    if context.world_size > 1:
+        # Every rank's losses are means over equal parts of the batch: average them.
+        sums = [total / context.world_size for total in distributed.all_reduce_sum(sums)]
+    return sums[0] / steps, sums[1] / steps
+
+
+def steps_per_epoch(config: TrainConfig, real_images: int) -> int:
+    return SMOKE_TRAIN_BATCHES if config.smoke else real_images // config.batch_size
+
+
+def snapshot(run: GanRun, config: TrainConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    """The moving average with its BatchNorm statistics recomputed: what would be released."""
+    gan_metrics.recalibrate_batch_norm(
+        run.average.module, device, batches=2 if config.smoke else 40, seed=config.seed
+    )
+    return {k: v.detach().cpu().clone() for k, v in run.average.module.state_dict().items()}
+
+
 def train(
-    config: TrainConfig, args: argparse.Namespace, device: torch.device
+    config: TrainConfig, device: torch.device
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, list[float]], int]:
     """Train G and D; return one eval-ready generator state per epoch and the loss history.
 
@@ -172,128 +338,29 @@ def train(
     buffers are broadcast from rank 0 at its forward. The generator step runs D
     under ``no_sync``: those D gradients are thrown away, so averaging them
     would be wasted traffic."""
-    train_set, _ = mnist_train_validation(args.data_dir, seed=config.seed)
+    train_set, _ = mnist_train_validation(config.data_dir, seed=config.seed)
     real = mnist_pixels(train_set) * 2 - 1  # the generator's tanh range
     real_labels = torch.as_tensor(train_set.dataset.targets[torch.as_tensor(train_set.indices)])
-
-    context = distributed.current()
-    generator_network = Generator(GeneratorConfig()).to(device)
-    discriminator_network = Discriminator(DiscriminatorConfig()).to(device)
-    generator = distributed.wrap(generator_network, context, device)
-    discriminator = distributed.wrap(discriminator_network, context, device)
-    # The moving average of the generator's weights, starting from its initial ones
-    # (the first update of an AveragedModel copies).
-    average = AveragedModel(
-        generator_network, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)
-    ).eval()
-    average.update_parameters(generator_network)
-    optimizer_g = torch.optim.Adam(
-        generator.parameters(), lr=config.learning_rate, betas=config.betas
-    )
-    optimizer_d = torch.optim.Adam(
-        discriminator.parameters(), lr=config.learning_rate, betas=config.betas
-    )
-    shuffler = torch.Generator().manual_seed(config.seed)
-    latent_dim = generator_network.config.latent_dim
-    num_classes = generator_network.config.num_classes
-    steps = SMOKE_TRAIN_BATCHES if config.smoke else len(real) // config.batch_size
+    run = start_gan(config, device)
     history: dict[str, list[float]] = {"discriminator_loss": [], "generator_loss": []}
     snapshots: list[dict[str, torch.Tensor]] = []
-    settings = {**config.__dict__, "data_dir": str(args.data_dir)}
     start = 1
-    resumed = resume_from(args, settings)
+    resumed = resume_from(config, config.settings())
     if resumed:
-        generator_network.load_state_dict(resumed["generator"])
-        discriminator_network.load_state_dict(resumed["discriminator"])
-        average.load_state_dict(resumed["average"])
-        optimizer_g.load_state_dict(resumed["optimizer_g"])
-        optimizer_d.load_state_dict(resumed["optimizer_d"])
-        shuffler.set_state(resumed["shuffler"])
+        run.load_state_dict(resumed)
         history, snapshots, start = resumed["history"], resumed["snapshots"], resumed["epoch"] + 1
-    distributed.local_batch_size(context, config.batch_size)  # refuses an uneven split
-
+    distributed.local_batch_size(
+        distributed.current(), config.batch_size
+    )  # refuses an uneven split
     for epoch in range(start, config.epochs + 1):
-        generator.train()
-        discriminator.train()
-        order = torch.randperm(len(real), generator=shuffler)
-        sums = {"d": 0.0, "g": 0.0}
-        progress = tqdm(
-            range(steps),
-            desc=f"epoch {epoch}/{config.epochs}",
-            unit="batch",
-            leave=False,
-            disable=not context.is_main,
-        )
-        for step in progress:
-            batch = order[step * config.batch_size : (step + 1) * config.batch_size]
-            batch = distributed.shard(context, batch)
-            images, labels = real[batch].to(device), real_labels[batch].to(device)
-            count = len(batch)
-            latent = torch.randn(count, latent_dim, device=device)
-            fake_labels = torch.randint(0, num_classes, (count,), device=device)
-            fakes = generator(latent, fake_labels)
-
-            # Discriminator: real vs fake, and the digit of real images.
-            real_score, real_class = discriminator(images)
-            fake_score, _ = discriminator(fakes.detach())
-            loss_d = (
-                F.binary_cross_entropy_with_logits(
-                    real_score, torch.full_like(real_score, config.real_label)
-                )
-                + F.binary_cross_entropy_with_logits(fake_score, torch.zeros_like(fake_score))
-                + F.cross_entropy(real_class, labels)
-            )
-            optimizer_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            optimizer_d.step()
-
-            # Generator: look real, and look like the digit that was asked for.
-            with distributed.no_sync(discriminator):
-                fake_score, fake_class = discriminator(fakes)
-            loss_g = F.binary_cross_entropy_with_logits(
-                fake_score, torch.ones_like(fake_score)
-            ) + F.cross_entropy(fake_class, fake_labels)
-            optimizer_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            optimizer_g.step()
-            average.update_parameters(generator_network)
-
-            sums["d"] += loss_d.item()
-            sums["g"] += loss_g.item()
-            progress.set_postfix(
-                d=f"{sums['d'] / (step + 1):.3f}", g=f"{sums['g'] / (step + 1):.3f}"
-            )
-        progress.close()
-        if context.world_size > 1:
-            # Every rank's losses are means over equal parts of the batch: average them.
-            totals = distributed.all_reduce_sum([sums["d"], sums["g"]])
-            sums = {"d": totals[0] / context.world_size, "g": totals[1] / context.world_size}
-
-        history["discriminator_loss"].append(sums["d"] / steps)
-        history["generator_loss"].append(sums["g"] / steps)
-        log.info("epoch %d: D loss %.4f G loss %.4f", epoch, sums["d"] / steps, sums["g"] / steps)
-        gan_metrics.recalibrate_batch_norm(
-            average.module, device, batches=2 if config.smoke else 40, seed=config.seed
-        )
-        snapshots.append(
-            {k: v.detach().cpu().clone() for k, v in average.module.state_dict().items()}
-        )
-        distributed.save_checkpoint(
-            args.checkpoint_dir,
-            {
-                "settings": settings,
-                "epoch": epoch,
-                "generator": generator_network.state_dict(),
-                "discriminator": discriminator_network.state_dict(),
-                "average": average.state_dict(),
-                "optimizer_g": optimizer_g.state_dict(),
-                "optimizer_d": optimizer_d.state_dict(),
-                "shuffler": shuffler.get_state(),
-                "history": history,
-                "snapshots": snapshots,
-            },
-        )
-
+        loss_d, loss_g = train_one_epoch(run, real, real_labels, config, device, epoch)
+        history["discriminator_loss"].append(loss_d)
+        history["generator_loss"].append(loss_g)
+        log.info("epoch %d: D loss %.4f G loss %.4f", epoch, loss_d, loss_g)
+        snapshots.append(snapshot(run, config, device))
+        state = {"settings": config.settings(), "epoch": epoch, **run.state_dict()}
+        state |= {"history": history, "snapshots": snapshots}
+        distributed.save_checkpoint(config.checkpoint_dir, state)
     return snapshots, history, len(real)
 
 
@@ -301,13 +368,12 @@ def select_epoch(
     snapshots: list[dict[str, torch.Tensor]],
     history: dict[str, list[float]],
     classifier: DigitClassifier,
-    args: argparse.Namespace,
     config: TrainConfig,
     device: torch.device,
 ) -> tuple[Generator, dict[str, Any]]:
     """Score every epoch's generator against the validation images; keep the lowest
     Fréchet distance. Adds the validation curves to ``history``."""
-    _, validation_set = mnist_train_validation(args.data_dir, seed=config.seed)
+    _, validation_set = mnist_train_validation(config.data_dir, seed=config.seed)
     validation_features = gan_metrics.classifier_features(
         classifier,
         mnist_pixels(validation_set, SMOKE_REAL_IMAGES if config.smoke else None),
@@ -408,23 +474,18 @@ def classifier_provenance(classifier_dir: Path) -> dict:
     }
 
 
-def evaluate_saved(
-    args: argparse.Namespace,
-    config: TrainConfig,
-    classifier_dir: Path,
-    device: torch.device,
-) -> Path:
+def evaluate_saved(config: TrainConfig, classifier_dir: Path, device: torch.device) -> Path:
     """``--evaluate-only``: re-measure the generator artifact and refresh its metrics,
     report and the record of the classifier that measured them."""
     spec = get_spec(DIGIT_GENERATOR)
-    destination = spec.artifact_dir(args.output_dir or artifacts_root())
+    destination = spec.artifact_dir(config.output_dir or artifacts_root())
     artifact = spec.load_artifact(destination)
     generator = spec.load_module(artifact, device)
     classifier = load_classifier(classifier_dir, device)
-    config = TrainConfig(**{**config.__dict__, "smoke": bool(artifact.metadata.get("smoke"))})
+    config = dataclasses.replace(config, smoke=bool(artifact.metadata.get("smoke")))
     metrics = {
         **artifact.metadata.get("metrics", {}),
-        **evaluate(generator, classifier, args.data_dir, config, device),
+        **evaluate(generator, classifier, config.data_dir, config, device),
     }
     with staged_artifact(destination) as staging:
         update_metadata(
@@ -441,63 +502,35 @@ def evaluate_saved(
     return destination
 
 
-@distributed.entry_point
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    device = start_run(args)
-    config = TrainConfig(
-        epochs=epoch_count(args),
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        seed=args.seed,
-        smoke=args.smoke,
-    )
-    seed_everything(config.seed)
-    classifier_dir = args.classifier_dir or get_spec(MNIST_CLASSIFIER).artifact_dir()
-
-    if args.evaluate_only:
-        if not distributed.current().is_main:
-            return 0
-        log.info("re-evaluated %s", evaluate_saved(args, config, classifier_dir, device))
-        return 0
-
-    log.info("training %s on %s with %s", DIGIT_GENERATOR, device, config)
-    started = time.perf_counter()
-    snapshots, history, train_size = train(config, args, device)
-    training_seconds = time.perf_counter() - started
-    # The snapshots are the same on every rank; rank 0 alone scores and writes them.
-    distributed.barrier()
-    if not distributed.current().is_main:
-        return 0
-    classifier = load_classifier(classifier_dir, device)
-    generator, best = select_epoch(snapshots, history, classifier, args, config, device)
-    metrics = {
-        **evaluate(generator, classifier, args.data_dir, config, device),
-        "best_epoch": best["epoch"],
-        "validation_frechet": best["frechet"],
-        "validation_conditional_accuracy": best["accuracy"],
-    }
-    metadata = {
+def artifact_metadata(
+    config: TrainConfig,
+    device: torch.device,
+    history: dict[str, list[float]],
+    metrics: dict[str, Any],
+    classifier_dir: Path,
+    train_images: int,
+    training_seconds: float,
+) -> dict[str, Any]:
+    return {
         "smoke": config.smoke,
         "metrics": metrics,
         "history": history,
         "evaluation_classifier": classifier_provenance(classifier_dir),
         "training": {
-            **run_provenance(device, argv),
+            **run_provenance(device),
             "epochs": config.epochs,
-            "batch_size": config.batch_size,
             "optimizer": f"Adam(lr={config.learning_rate}, betas={config.betas}) for G and D",
             "objective": "AC-GAN: BCE real/fake (real label "
             f"{config.real_label}) + class cross-entropy (D on real, G on fake)",
             "weights": f"EMA(decay={config.ema_decay}) of the generator, BatchNorm recalibrated",
             "discriminator": DiscriminatorConfig().__dict__,
             "selection": "epoch with the lowest Fréchet distance to the validation images",
-            "seed": config.seed,
+            "hyperparameters": config_record(config),
             "wall_seconds": round(training_seconds, 1),
         },
         "dataset": {
             "name": "MNIST",
-            "train_images": train_size,
+            "train_images": train_images,
             "validation_images": MNIST_VALIDATION_SIZE,
             "test_images_for_metrics": metrics["frechet_real_images"],
         },
@@ -507,20 +540,70 @@ def main(argv: list[str] | None = None) -> int:
             "output": "N×1×28×28 in [-1, 1]; pixels = (x + 1) / 2, white ink on black",
         },
     }
+
+
+def write_artifact(
+    generator: Generator, config: TrainConfig, metadata: dict[str, Any], device: torch.device
+) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         report = write_report(
-            Path(scratch) / REPORT_FILE, generator, history, metrics, device, config.smoke
+            Path(scratch) / REPORT_FILE,
+            generator,
+            metadata["history"],
+            metadata["metrics"],
+            device,
+            config.smoke,
         )
-        destination = save_trained_model(
+        return save_trained_model(
             get_spec(DIGIT_GENERATOR),
-            args.output_dir or artifacts_root(),
+            config.output_dir or artifacts_root(),
             module=generator.cpu(),
             config=generator.config,
             metadata=metadata,
             extra_files={REPORT_FILE: report},
         )
-    log.info("wrote %s", destination)
+
+
+def run(config: TrainConfig) -> int:
+    """Train, choose the epoch, measure and write the ``digit-gan`` artifact (rank 0
+    does all after training); or only re-measure it. 0 on success."""
+    config = config.resolved()
+    device = start_run(config)
+    seed_everything(config.seed)
+    classifier_dir = config.classifier_dir or get_spec(MNIST_CLASSIFIER).artifact_dir()
+    if config.evaluate_only:
+        if distributed.current().is_main:
+            log.info("re-evaluated %s", evaluate_saved(config, classifier_dir, device))
+        return 0
+    log.info("training %s on %s with %s", DIGIT_GENERATOR, device, config)
+    started = time.perf_counter()
+    snapshots, history, train_images = train(config, device)
+    training_seconds = time.perf_counter() - started
+    # The snapshots are the same on every rank; rank 0 alone scores and writes them.
+    distributed.barrier()
+    if not distributed.current().is_main:
+        return 0
+    classifier = load_classifier(classifier_dir, device)
+    generator, best = select_epoch(snapshots, history, classifier, config, device)
+    metrics = {
+        **evaluate(generator, classifier, config.data_dir, config, device),
+        "best_epoch": best["epoch"],
+        "validation_frechet": best["frechet"],
+        "validation_conditional_accuracy": best["accuracy"],
+    }
+    metadata = artifact_metadata(
+        config, device, history, metrics, classifier_dir, train_images, training_seconds
+    )
+    log.info("wrote %s", write_artifact(generator, config, metadata, device))
     return 0
+
+
+@distributed.entry_point
+def main(argv: list[str] | None = None) -> int:
+    """``run`` the config the command line gives."""
+    config = parse_config(TrainConfig, argv, __doc__)
+    with invoked_with(argv):
+        return run(config)
 
 
 if __name__ == "__main__":

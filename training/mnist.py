@@ -23,14 +23,15 @@ import random
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import transforms
 from tqdm import tqdm
 
@@ -45,14 +46,15 @@ from models.preprocessing import (
 from models.registry import DIGIT_LABELS, MNIST_CLASSIFIER, artifacts_root, get_spec
 from training import distributed, drawn_digits, reports
 from training.common import (
-    add_run_arguments,
-    epoch_count,
+    RunConfig,
+    invoked_with,
     resume_from,
     run_provenance,
     save_trained_model,
     seed_everything,
     start_run,
 )
+from training.config import config_parser, config_record, parse_config
 from training.data import (
     MNIST_VALIDATION_SIZE,
     mnist_test_set,
@@ -67,18 +69,37 @@ SMOKE_EVAL_IMAGES = 256
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 24
-    batch_size: int = 128
-    max_learning_rate: float = 3e-3
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.05
-    service_fraction: float = 0.25
+class TrainConfig(RunConfig):
+    DEFAULT_EPOCHS: ClassVar[int] = 24
+    DATA: ClassVar[str] = "MNIST/raw"
+    SMOKE: ClassVar[str] = (
+        f"{SMOKE_TRAIN_BATCHES} batches of one epoch and {SMOKE_EVAL_IMAGES} evaluation images"
+    )
+
+    batch_size: int = field(default=128, metadata={"help": "images per step, over all processes"})
+    max_learning_rate: float = field(
+        default=3e-3,
+        metadata={"help": "peak learning rate of the one-cycle schedule", "flag": "--lr"},
+    )
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    label_smoothing: float = field(
+        default=0.05, metadata={"help": "label smoothing of the cross-entropy"}
+    )
+    service_fraction: float = field(
+        default=0.25,
+        metadata={
+            "help": "fraction of training images first passed through the service's "
+            "image preprocessing"
+        },
+    )
     # The released model: 70 % of the training digits redrawn as canvas strokes, which
     # took drawn digits from 98.59 % to 99.01 % (README, drawn digits).
-    canvas_fraction: float = 0.7
-    seed: int = 0
-    smoke: bool = False
+    canvas_fraction: float = field(
+        default=0.7,
+        metadata={
+            "help": "fraction of training images redrawn as canvas strokes of a random width"
+        },
+    )
 
 
 class ServicePreprocessing:
@@ -131,39 +152,7 @@ class CanvasStrokes:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_run_arguments(
-        parser,
-        model_name=MNIST_CLASSIFIER,
-        data_help="directory holding MNIST/raw",
-        smoke_help=f"{SMOKE_TRAIN_BATCHES} batches of one epoch and "
-        f"{SMOKE_EVAL_IMAGES} evaluation images",
-        seed=defaults.seed,
-        epochs=defaults.epochs,
-        batch_size=defaults.batch_size,
-    )
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=defaults.max_learning_rate,
-        help="peak learning rate of the one-cycle schedule",
-    )
-    parser.add_argument(
-        "--service-fraction",
-        type=float,
-        default=defaults.service_fraction,
-        help="fraction of training images first passed through the service's "
-        "image preprocessing (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--canvas-fraction",
-        type=float,
-        default=defaults.canvas_fraction,
-        help="fraction of training images redrawn as canvas strokes of a random width "
-        "(default: %(default)s)",
-    )
-    return parser
+    return config_parser(TrainConfig, __doc__)
 
 
 def _loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0, sampler=None) -> DataLoader:
@@ -218,7 +207,24 @@ def service_preprocessed_test_batches(data_dir: Path, limit: int | None):
     return _evaluation_loader(mnist_test_set(data_dir, transform=digit_tensor_from_image), limit)
 
 
-def train(config: TrainConfig, args: argparse.Namespace, device: torch.device):
+def _eval_limit(config: TrainConfig) -> int | None:
+    return SMOKE_EVAL_IMAGES if config.smoke else None
+
+
+@dataclass
+class TrainingData:
+    """The training split's loader (this rank's share of each global batch) and the
+    validation split's, with the number of steps an epoch takes."""
+
+    train_images: int
+    train_loader: DataLoader
+    # DistributedSampler under torchrun (reshuffled every epoch), else None.
+    sampler: DistributedSampler | None
+    validation_loader: DataLoader
+    steps_per_epoch: int
+
+
+def training_data(config: TrainConfig) -> TrainingData:
     augmented = transforms.Compose(
         [
             CanvasStrokes(config.canvas_fraction),
@@ -227,12 +233,9 @@ def train(config: TrainConfig, args: argparse.Namespace, device: torch.device):
         ]
     )
     train_set, validation_set = mnist_train_validation(
-        args.data_dir, train_transform=augmented, seed=config.seed
+        config.data_dir, train_transform=augmented, seed=config.seed
     )
-    eval_limit = SMOKE_EVAL_IMAGES if config.smoke else None
-    validation_loader = _evaluation_loader(validation_set, eval_limit)
     context = distributed.current()
-    # Under torchrun each rank loads its share of every global batch.
     sampler = (
         distributed.training_sampler(context, train_set, config.seed)
         if context.distributed
@@ -245,10 +248,137 @@ def train(config: TrainConfig, args: argparse.Namespace, device: torch.device):
         seed=config.seed,
         sampler=sampler,
     )
-    steps_per_epoch = SMOKE_TRAIN_BATCHES if config.smoke else len(train_loader)
+    return TrainingData(
+        train_images=len(train_set),
+        train_loader=train_loader,
+        sampler=sampler,
+        validation_loader=_evaluation_loader(validation_set, _eval_limit(config)),
+        steps_per_epoch=SMOKE_TRAIN_BATCHES if config.smoke else len(train_loader),
+    )
 
+
+def train_one_epoch(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    data: TrainingData,
+    device: torch.device,
+    progress_label: str,
+) -> dict[str, float]:
+    """One pass over the training loader (``steps_per_epoch`` batches); the mean
+    loss and accuracy over every rank's images."""
+    model.train()
+    seen, correct, loss_sum = 0, 0, 0.0
+    progress = tqdm(
+        data.train_loader,
+        total=data.steps_per_epoch,
+        desc=progress_label,
+        unit="batch",
+        leave=False,
+        disable=not distributed.current().is_main,
+    )
+    for step, (images, labels) in enumerate(progress):
+        if step >= data.steps_per_epoch:
+            break
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
+        loss = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        seen += len(labels)
+        correct += int((logits.argmax(1) == labels).sum())
+        loss_sum += loss.item() * len(labels)
+        progress.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+    progress.close()
+    seen, correct, loss_sum = distributed.all_reduce_sum([seen, correct, loss_sum])
+    return {"loss": loss_sum / seen, "accuracy": correct / seen}
+
+
+@dataclass
+class Progress:
+    """What a run has learnt so far, kept in its checkpoint: the curves and the best
+    epoch's validation accuracy and weights; and the epoch to train first."""
+
+    history: dict[str, list[float]] = field(
+        default_factory=lambda: {
+            "train_loss": [],
+            "validation_loss": [],
+            "train_accuracy": [],
+            "validation_accuracy": [],
+        }
+    )
+    best: dict = field(default_factory=lambda: {"accuracy": -1.0, "epoch": 0, "state": None})
+    first_epoch: int = 1
+
+    def record(self, epoch: int, train: dict, validation: dict, network: nn.Module) -> None:
+        self.history["train_loss"].append(train["loss"])
+        self.history["train_accuracy"].append(train["accuracy"])
+        self.history["validation_loss"].append(validation["loss"])
+        self.history["validation_accuracy"].append(validation["accuracy"])
+        log.info(
+            "epoch %d: train loss %.4f acc %.4f | validation loss %.4f acc %.4f",
+            epoch,
+            train["loss"],
+            train["accuracy"],
+            validation["loss"],
+            validation["accuracy"],
+        )
+        if validation["accuracy"] > self.best["accuracy"]:
+            state = copy.deepcopy(network.state_dict())
+            self.best = {"accuracy": validation["accuracy"], "epoch": epoch, "state": state}
+
+
+@dataclass
+class Learner:
+    """What a checkpoint saves besides the progress: the weights, the optimiser and its
+    schedule, and the training loader's shuffling generator."""
+
+    network: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    data: TrainingData
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            # Without torchrun the loader's shuffling generator is the sampler state;
+            # DistributedSampler's order follows from the seed and the epoch alone.
+            "loader_generator": self.data.train_loader.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.network.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.data.train_loader.generator.set_state(state["loader_generator"])
+
+
+def save_checkpoint(config: TrainConfig, epoch: int, learner: Learner, progress: Progress) -> None:
+    state = {"settings": config.settings(), "epoch": epoch, **learner.state_dict()}
+    state |= {"history": progress.history, "best": progress.best}
+    distributed.save_checkpoint(config.checkpoint_dir, state)
+
+
+def resume(config: TrainConfig, learner: Learner) -> Progress:
+    """The checkpoint's progress with its state loaded (``--resume``), else a fresh start."""
+    resumed = resume_from(config, config.settings())
+    if not resumed:
+        return Progress()
+    learner.load_state_dict(resumed)
+    return Progress(resumed["history"], resumed["best"], resumed["epoch"] + 1)
+
+
+def train(config: TrainConfig, device: torch.device) -> tuple[nn.Module, Progress, int]:
+    """Train for ``config.epochs`` epochs; the model of the epoch with the best
+    validation accuracy (in eval mode), the progress and the number of training images."""
+    data = training_data(config)
     network = DigitClassifier(DigitClassifierConfig()).to(device)
-    model = distributed.wrap(network, context, device)
+    model = distributed.wrap(network, distributed.current(), device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.max_learning_rate, weight_decay=config.weight_decay
     )
@@ -256,169 +386,85 @@ def train(config: TrainConfig, args: argparse.Namespace, device: torch.device):
         optimizer,
         max_lr=config.max_learning_rate,
         epochs=config.epochs,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=data.steps_per_epoch,
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    history: dict[str, list[float]] = {
-        "train_loss": [],
-        "validation_loss": [],
-        "train_accuracy": [],
-        "validation_accuracy": [],
-    }
-    best = {"accuracy": -1.0, "epoch": 0, "state": None}
-    start = 1
-    resumed = resume_from(args, {**config.__dict__, "data_dir": str(args.data_dir)})
-    if resumed:
-        network.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        schedule.load_state_dict(resumed["schedule"])
-        train_loader.generator.set_state(resumed["loader_generator"])
-        history, best, start = resumed["history"], resumed["best"], resumed["epoch"] + 1
-
-    for epoch in range(start, config.epochs + 1):
-        model.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        seen, correct, loss_sum = 0, 0, 0.0
-        progress = tqdm(
-            train_loader,
-            total=steps_per_epoch,
-            desc=f"epoch {epoch}/{config.epochs}",
-            unit="batch",
-            leave=False,
-            disable=not context.is_main,
-        )
-        for step, (images, labels) in enumerate(progress):
-            if step >= steps_per_epoch:
-                break
-            images, labels = images.to(device), labels.to(device)
-            logits = model(images)
-            loss = loss_fn(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            seen += len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
-            loss_sum += loss.item() * len(labels)
-            progress.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
-        progress.close()
-        seen, correct, loss_sum = distributed.all_reduce_sum([seen, correct, loss_sum])
+    learner = Learner(network, optimizer, schedule, data)
+    progress = resume(config, learner)
+    for epoch in range(progress.first_epoch, config.epochs + 1):
+        if data.sampler is not None:
+            data.sampler.set_epoch(epoch)
+        label = f"epoch {epoch}/{config.epochs}"
+        scores = train_one_epoch(model, loss_fn, optimizer, schedule, data, device, label)
         distributed.broadcast_buffers(network)
-        validation = evaluate(network, validation_loader, device)
-        history["train_loss"].append(loss_sum / seen)
-        history["train_accuracy"].append(correct / seen)
-        history["validation_loss"].append(validation["loss"])
-        history["validation_accuracy"].append(validation["accuracy"])
-        log.info(
-            "epoch %d: train loss %.4f acc %.4f | validation loss %.4f acc %.4f",
-            epoch,
-            loss_sum / seen,
-            correct / seen,
-            validation["loss"],
-            validation["accuracy"],
-        )
-        if validation["accuracy"] > best["accuracy"]:
-            best = {
-                "accuracy": validation["accuracy"],
-                "epoch": epoch,
-                "state": copy.deepcopy(network.state_dict()),
-            }
-        distributed.save_checkpoint(
-            args.checkpoint_dir,
-            {
-                "settings": {**config.__dict__, "data_dir": str(args.data_dir)},
-                "epoch": epoch,
-                "model": network.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                # Without torchrun the loader's shuffling generator is the sampler state;
-                # DistributedSampler's order follows from the seed and the epoch alone.
-                "loader_generator": train_loader.generator.get_state(),
-                "history": history,
-                "best": best,
-            },
-        )
-
-    network.load_state_dict(best["state"])
-    return network.eval(), history, best, len(train_set)
+        validation = evaluate(network, data.validation_loader, device)
+        progress.record(epoch, scores, validation, network)
+        save_checkpoint(config, epoch, learner, progress)
+    network.load_state_dict(progress.best["state"])
+    return network.eval(), progress, data.train_images
 
 
-@distributed.entry_point
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    device = start_run(args)
-    config = TrainConfig(
-        epochs=epoch_count(args),
-        batch_size=args.batch_size,
-        max_learning_rate=args.lr,
-        service_fraction=args.service_fraction,
-        canvas_fraction=args.canvas_fraction,
-        seed=args.seed,
-        smoke=args.smoke,
-    )
-    seed_everything(config.seed)
-    log.info("training %s on %s with %s", MNIST_CLASSIFIER, device, config)
-    started = time.perf_counter()
-
-    model, history, best, train_size = train(config, args, device)
-    training_seconds = time.perf_counter() - started
-
-    eval_limit = SMOKE_EVAL_IMAGES if config.smoke else None
-    test = evaluate(
-        model,
-        _evaluation_loader(mnist_test_set(args.data_dir, mnist_transform(False)), eval_limit),
-        device,
-    )
-    service_test = evaluate(
-        model, service_preprocessed_test_batches(args.data_dir, eval_limit), device
-    )
-    distributed.barrier()
-    if not distributed.current().is_main:
-        return 0
-    log.info(
-        "test accuracy %.4f (%d images); through service preprocessing %.4f",
-        test["accuracy"],
-        test["count"],
-        service_test["accuracy"],
+def evaluate_on_test(
+    model: nn.Module, config: TrainConfig, device: torch.device
+) -> tuple[dict, dict]:
+    """The test split's scores as torchvision gives it and through the service's
+    image preprocessing."""
+    plain = mnist_test_set(config.data_dir, mnist_transform(False))
+    return (
+        evaluate(model, _evaluation_loader(plain, _eval_limit(config)), device),
+        evaluate(
+            model, service_preprocessed_test_batches(config.data_dir, _eval_limit(config)), device
+        ),
     )
 
-    metrics = {
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        "test_images": test["count"],
+
+def final_metrics(scores: tuple[dict, dict], progress: Progress) -> dict:
+    """The test scores (plain and through the service's preprocessing) and the chosen epoch."""
+    test_scores, service_test = scores
+    confusion = test_scores["confusion"]
+    return {
+        "test_accuracy": test_scores["accuracy"],
+        "test_loss": test_scores["loss"],
+        "test_images": test_scores["count"],
         "test_accuracy_service_preprocessing": service_test["accuracy"],
         "test_loss_service_preprocessing": service_test["loss"],
-        "validation_accuracy": best["accuracy"],
-        "best_epoch": best["epoch"],
+        "validation_accuracy": progress.best["accuracy"],
+        "best_epoch": progress.best["epoch"],
         "test_per_class_accuracy": {
-            label: float(test["confusion"][i, i] / max(test["confusion"][i].sum(), 1))
+            label: float(confusion[i, i] / max(confusion[i].sum(), 1))
             for i, label in enumerate(DIGIT_LABELS)
         },
-        "test_confusion_matrix": test["confusion"].tolist(),
+        "test_confusion_matrix": confusion.tolist(),
     }
-    metadata = {
+
+
+def artifact_metadata(
+    config: TrainConfig,
+    device: torch.device,
+    progress: Progress,
+    train_images: int,
+    scores: tuple[dict, dict],
+    training_seconds: float,
+) -> dict:
+    metrics = final_metrics(scores, progress)
+    return {
         "smoke": config.smoke,
         "metrics": metrics,
-        "history": history,
+        "history": progress.history,
         "training": {
-            **run_provenance(device, argv),
+            **run_provenance(device),
             "epochs": config.epochs,
-            "batch_size": config.batch_size,
             "optimizer": f"AdamW(weight_decay={config.weight_decay}) + OneCycleLR("
             f"max_lr={config.max_learning_rate})",
-            "label_smoothing": config.label_smoothing,
             "augmentation": "RandomAffine(degrees=10, translate=0.1, scale=0.9-1.1)",
-            "service_preprocessing_fraction": config.service_fraction,
-            "canvas_stroke_fraction": config.canvas_fraction,
-            "seed": config.seed,
+            "hyperparameters": config_record(config),
             "wall_seconds": round(training_seconds, 1),
         },
         "dataset": {
             "name": "MNIST",
-            "train_images": train_size,
+            "train_images": train_images,
             "validation_images": MNIST_VALIDATION_SIZE,
-            "test_images": test["count"],
+            "test_images": metrics["test_images"],
             "selection": "best epoch by validation accuracy",
         },
         "preprocessing": {
@@ -428,27 +474,65 @@ def main(argv: list[str] | None = None) -> int:
             "image_preprocessing": "models.preprocessing.digit_tensor_from_image",
         },
     }
+
+
+def write_artifact(
+    model: nn.Module, config: TrainConfig, metadata: dict, confusion: np.ndarray
+) -> Path:
+    """The artifact with a report PNG: the curves beside the test confusion matrix."""
+    metrics = metadata["metrics"]
     title = (
         f"{MNIST_CLASSIFIER}{' (smoke)' if config.smoke else ''}: test accuracy "
-        f"{test['accuracy']:.2%}, through service preprocessing {service_test['accuracy']:.2%}"
+        f"{metrics['test_accuracy']:.2%}, through service preprocessing "
+        f"{metrics['test_accuracy_service_preprocessing']:.2%}"
     )
     with tempfile.TemporaryDirectory() as scratch:
         report = reports.save_report(
             Path(scratch) / REPORT_FILE,
             title,
-            history,
-            [lambda ax: reports.draw_confusion_matrix(ax, test["confusion"], DIGIT_LABELS)],
+            metadata["history"],
+            [lambda ax: reports.draw_confusion_matrix(ax, confusion, DIGIT_LABELS)],
         )
-        destination = save_trained_model(
+        return save_trained_model(
             get_spec(MNIST_CLASSIFIER),
-            args.output_dir or artifacts_root(),
+            config.output_dir or artifacts_root(),
             module=model.cpu(),
             config=model.config,
             metadata=metadata,
             extra_files={REPORT_FILE: report},
         )
-    log.info("wrote %s", destination)
+
+
+def run(config: TrainConfig) -> int:
+    """Train, test and write the ``mnist-cnn`` artifact (rank 0 writes); 0 on success."""
+    config = config.resolved()
+    device = start_run(config)
+    seed_everything(config.seed)
+    log.info("training %s on %s with %s", MNIST_CLASSIFIER, device, config)
+    started = time.perf_counter()
+    model, progress, train_images = train(config, device)
+    training_seconds = time.perf_counter() - started
+    scores = evaluate_on_test(model, config, device)
+    distributed.barrier()
+    if not distributed.current().is_main:
+        return 0
+    log.info(
+        "test accuracy %.4f (%d images); through service preprocessing %.4f",
+        scores[0]["accuracy"],
+        scores[0]["count"],
+        scores[1]["accuracy"],
+    )
+    metadata = artifact_metadata(config, device, progress, train_images, scores, training_seconds)
+    log.info("wrote %s", write_artifact(model, config, metadata, scores[0]["confusion"]))
     return 0
+
+
+@distributed.entry_point
+def main(argv: list[str] | None = None) -> int:
+    """``run`` the config the command line gives."""
+    config = parse_config(TrainConfig, argv, __doc__)
+    with invoked_with(argv):
+        return run(config)
 
 
 if __name__ == "__main__":

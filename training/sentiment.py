@@ -28,15 +28,16 @@ budget allows; only the student, at the size given here, is saved.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import random
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
@@ -50,14 +51,15 @@ from models.sentiment import SentimentClassifier, SentimentClassifierConfig
 from models.tokenizer import UNK_ID, Vocabulary
 from training import distributed
 from training.common import (
-    add_run_arguments,
-    epoch_count,
+    RunConfig,
+    invoked_with,
     resume_from,
     run_provenance,
     save_trained_model,
     seed_everything,
     start_run,
 )
+from training.config import config_parser, config_record, parse_config
 from training.data import LabelledText, read_sst2
 from training.reports import plot_curves
 
@@ -69,23 +71,96 @@ EVAL_BATCH_SIZE = 256
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything that shapes a run besides the model config; recorded in the metadata."""
+class TrainConfig(RunConfig):
+    """Everything that shapes a run; recorded in the metadata."""
 
-    epochs: int = 8
-    batch_size: int = 64
-    learning_rate: float = 2e-3
-    weight_decay: float = 1e-3
-    warmup_fraction: float = 0.05
-    label_smoothing: float = 0.1
-    word_dropout: float = 0.25
-    gradient_clip: float = 1.0
-    ema_decay: float = 0.999
-    min_count: int = 6
+    DEFAULT_EPOCHS: ClassVar[int] = 8
+    DEFAULT_MIN_COUNT: ClassVar[int] = 6
+    DATA: ClassVar[str] = "SST-2/{train,dev,test}.tsv"
+    SMOKE: ClassVar[str] = f"a quick end-to-end run on {SMOKE_TRAIN_SIZE} training phrases"
+
+    batch_size: int = field(default=64, metadata={"help": "phrases per step, over all processes"})
+    seeds: tuple[int, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "train one model per seed and keep the best on dev (default: --seed)",
+            # Each seed has its own checkpoint, which records that seed.
+            "plumbing": True,
+        },
+    )
+    learning_rate: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate"})
+    weight_decay: float = field(default=1e-3, metadata={"help": "on weight matrices only"})
+    warmup_fraction: float = field(
+        default=0.05, metadata={"help": "share of the steps spent warming the learning rate up"}
+    )
+    label_smoothing: float = field(
+        default=0.1, metadata={"help": "label smoothing of the cross-entropy"}
+    )
+    word_dropout: float = field(
+        default=0.25, metadata={"help": "probability of replacing a training token by <unk>"}
+    )
+    gradient_clip: float = field(default=1.0, metadata={"help": "largest gradient norm"})
+    ema_decay: float = field(
+        default=0.999,
+        metadata={
+            "help": "of the weight average that is evaluated and saved (0.9 at most with --smoke)"
+        },
+    )
+    min_count: int | None = field(
+        default=None,
+        metadata={
+            "help": "keep training tokens seen at least this often "
+            "(default: {DEFAULT_MIN_COUNT}; 1 with --smoke)"
+        },
+    )
+    teachers: tuple[Path, ...] = field(
+        default=(),
+        metadata={"help": "trained sentiment artifact directories to distil from (their ensemble)"},
+    )
     # Distillation (used only with teachers): the share of the loss given to
     # matching the teachers, and the softmax temperature both sides use.
-    distillation_weight: float = 0.5
-    temperature: float = 2.0
+    distillation_weight: float = field(
+        default=0.5,
+        metadata={"help": "share of the loss spent matching the teachers (with --teachers)"},
+    )
+    temperature: float = field(
+        default=2.0,
+        metadata={"help": "softmax temperature of the distillation loss (with --teachers)"},
+    )
+    embedding_dim: int = field(
+        default=SentimentClassifierConfig.embedding_dim, metadata={"help": "model: embedding size"}
+    )
+    hidden_size: int = field(
+        default=SentimentClassifierConfig.hidden_size,
+        metadata={"help": "model: LSTM units per direction"},
+    )
+    embedding_dropout: float = field(
+        default=SentimentClassifierConfig.embedding_dropout,
+        metadata={"help": "model: dropout on the embeddings"},
+    )
+    output_dropout: float = field(
+        default=SentimentClassifierConfig.output_dropout,
+        metadata={"help": "model: dropout before the linear layer"},
+    )
+
+    def resolved(self) -> Self:
+        """Also settles the smoke run's vocabulary (every token) and its shorter
+        weight average (a few steps would leave it near the initial weights)."""
+        config = super().resolved()
+        return dataclasses.replace(
+            config,
+            ema_decay=min(config.ema_decay, 0.9) if config.smoke else config.ema_decay,
+            min_count=config.min_count or (1 if config.smoke else self.DEFAULT_MIN_COUNT),
+        )
+
+    def model_config(self, vocab_size: int) -> SentimentClassifierConfig:
+        return SentimentClassifierConfig(
+            vocab_size=vocab_size,
+            embedding_dim=self.embedding_dim,
+            hidden_size=self.hidden_size,
+            embedding_dropout=self.embedding_dropout,
+            output_dropout=self.output_dropout,
+        )
 
 
 @dataclass
@@ -288,29 +363,53 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int) -> floa
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_one_seed(
+@dataclass
+class SeedRun:
+    """One seed's training: the model (DDP-wrapped under torchrun), its weight average,
+    the optimiser and schedule, and the generators that draw the batch order and
+    the word dropout. ``state_dict`` is what a checkpoint saves of it."""
+
+    seed: int
+    network: SentimentClassifier
+    model: nn.Module
+    average: AveragedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_function: nn.Module
+    batch_order: random.Random
+    dropout_generator: torch.Generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.network.state_dict(),
+            "average": self.average.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "batch_order": self.batch_order.getstate(),
+            "dropout_generator": self.dropout_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.network.load_state_dict(state["model"])
+        self.average.load_state_dict(state["average"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        version, internal, gauss = state["batch_order"]
+        self.batch_order.setstate((version, tuple(internal), gauss))
+        self.dropout_generator.set_state(state["dropout_generator"])
+
+
+def start_seed(
     seed: int,
     model_config: SentimentClassifierConfig,
     config: TrainConfig,
-    train: EncodedSplit,
-    dev: EncodedSplit,
+    examples: int,
     device: torch.device,
-    teachers: Sequence[Teacher] = (),
-    args: argparse.Namespace | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, list[float]]]:
-    """Train one model; return the best-on-dev EMA weights, their dev scores and the history.
-
-    With ``teachers``, the loss mixes the label's cross-entropy with the
-    distillation loss, weighted by ``config.distillation_weight``. ``args``
-    carries ``--checkpoint-dir`` / ``--resume`` (one checkpoint file per seed).
-
-    Under torchrun every rank draws the same global batches and word dropout
-    (both seeded with ``seed``) and trains on its share of each batch.
-    """
+) -> SeedRun:
+    """A freshly initialised model (seeded with ``seed``) and everything that trains it."""
     seed_everything(seed)
-    context = distributed.current()
     network = SentimentClassifier(model_config).to(device)
-    model = distributed.wrap(network, context, device)
+    model = distributed.wrap(network, distributed.current(), device)
     average = weight_average(network, config.ema_decay)
     # Weight decay on matrices only: biases and the embedding's padding row stay untouched.
     decayed = [p for name, p in model.named_parameters() if p.dim() > 1]
@@ -322,194 +421,200 @@ def train_one_seed(
         ],
         lr=config.learning_rate,
     )
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = math.ceil(examples / config.batch_size) * config.epochs
     warmup_steps = max(1, int(config.warmup_fraction * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, total_steps, warmup_steps)
     )
-    loss_function = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    batch_order = random.Random(seed)
-    dropout_generator = torch.Generator().manual_seed(seed)
+    return SeedRun(
+        seed=seed,
+        network=network,
+        model=model,
+        average=average,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_function=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+        batch_order=random.Random(seed),
+        dropout_generator=torch.Generator().manual_seed(seed),
+    )
 
-    history: dict[str, list[float]] = {
-        "train_loss": [],
-        "train_accuracy": [],
-        "dev_loss": [],
-        "dev_accuracy": [],
-    }
+
+def shard_batch(context: distributed.Context, *parts: Sequence) -> list:
+    """This rank's share of every part of a global batch; the padded ones cut to the
+    width of the share's longest phrase, like the teachers' own batches.
+
+    ``parts``: indices, token ids, lengths, labels and the word-dropout mask."""
+    indices, token_ids, lengths, labels, dropped = (distributed.shard(context, p) for p in parts)
+    width = int(lengths.max())
+    return [indices, token_ids[:, :width], lengths, labels, dropped[:, :width]]
+
+
+def distilled(
+    label_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, config: TrainConfig
+) -> torch.Tensor:
+    """The label's loss mixed with matching the teachers' softened prediction ``targets``."""
+    weight = config.distillation_weight
+    matching = distillation_loss(logits, targets, config.temperature)
+    return (1 - weight) * label_loss + weight * matching
+
+
+def training_step(
+    run: SeedRun,
+    train: EncodedSplit,
+    indices: list[int],
+    config: TrainConfig,
+    teachers: Sequence[Teacher],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimiser step on a global batch, of which this rank computes its share;
+    the share's loss, logits and labels."""
+    context = distributed.current()
+    token_ids, lengths, labels = pad_batch(train, indices)
+    dropped = word_dropout_mask(token_ids, lengths, config.word_dropout, run.dropout_generator)
+    # Weight of this rank's part in the global batch's mean loss (1 in one process):
+    # DDP averages over ranks, and the last batch need not split evenly.
+    share = len(distributed.shard(context, indices)) * context.world_size / len(indices)
+    if context.world_size > 1:
+        parts = shard_batch(context, indices, token_ids, lengths, labels, dropped)
+        indices, token_ids, lengths, labels, dropped = parts
+    token_ids = token_ids.masked_fill(dropped, UNK_ID)
+    token_ids, lengths, labels = token_ids.to(device), lengths.to(device), labels.to(device)
+    logits = run.model(token_ids, lengths)
+    loss = run.loss_function(logits, labels)
+    if teachers:
+        targets = teacher_targets(teachers, indices, dropped, config.temperature, device)
+        loss = distilled(loss, logits, targets, config)
+    run.optimizer.zero_grad(set_to_none=True)
+    (loss * share if context.world_size > 1 else loss).backward()
+    nn.utils.clip_grad_norm_(run.model.parameters(), config.gradient_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.average.update_parameters(run.network)
+    return loss, logits, labels
+
+
+def train_one_epoch(
+    run: SeedRun,
+    train: EncodedSplit,
+    config: TrainConfig,
+    teachers: Sequence[Teacher],
+    device: torch.device,
+    epoch: int,
+) -> dict[str, float]:
+    """One pass over the training split in length-bucketed batches; the mean loss and
+    accuracy over every rank's phrases."""
+    run.model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    progress = tqdm(
+        length_bucketed_batches(train, config.batch_size, run.batch_order),
+        desc=f"seed {run.seed} epoch {epoch}/{config.epochs}",
+        leave=False,
+        mininterval=2.0,
+        disable=not distributed.current().is_main,
+    )
+    for indices in progress:
+        loss, logits, labels = training_step(run, train, indices, config, teachers, device)
+        loss_sum += loss.item() * len(labels)
+        correct += (logits.argmax(dim=1) == labels).sum().item()
+        seen += len(labels)
+        progress.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
+    loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen])
+    return {"loss": loss_sum / seen, "accuracy": correct / seen}
+
+
+@dataclass
+class Progress:
+    """One seed's curves and its best epoch so far (the weight average's weights and
+    dev scores), kept in its checkpoint; and the epoch to train first."""
+
+    seed: int
+    history: dict[str, list[float]] = field(
+        default_factory=lambda: {
+            "train_loss": [],
+            "train_accuracy": [],
+            "dev_loss": [],
+            "dev_accuracy": [],
+        }
+    )
     best: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
-    checkpoint_dir = args.checkpoint_dir if args else None
-    checkpoint_name = f"checkpoint-seed{seed}.pt"
-    settings = {**asdict(config), **asdict(model_config), "seed": seed, "examples": len(train)}
-    start = 1
-    resumed = resume_from(args, settings, checkpoint_name) if args else None
-    if resumed:
-        network.load_state_dict(resumed["model"])
-        average.load_state_dict(resumed["average"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        version, internal, gauss = resumed["batch_order"]
-        batch_order.setstate((version, tuple(internal), gauss))
-        dropout_generator.set_state(resumed["dropout_generator"])
-        history, best, start = resumed["history"], resumed["best"], resumed["epoch"] + 1
-    for epoch in range(start, config.epochs + 1):
-        model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        batches = length_bucketed_batches(train, config.batch_size, batch_order)
-        progress = tqdm(
-            batches,
-            desc=f"seed {seed} epoch {epoch}/{config.epochs}",
-            leave=False,
-            mininterval=2.0,
-            disable=not context.is_main,
-        )
-        for indices in progress:
-            token_ids, lengths, labels = pad_batch(train, indices)
-            dropped = word_dropout_mask(token_ids, lengths, config.word_dropout, dropout_generator)
-            # Weight of this rank's part in the global batch's mean loss (1 in one process):
-            # DDP averages over ranks, and the last batch need not split evenly.
-            share = len(distributed.shard(context, indices)) * context.world_size / len(indices)
-            if context.world_size > 1:
-                indices, token_ids, lengths, labels, dropped = (
-                    distributed.shard(context, part)
-                    for part in (indices, token_ids, lengths, labels, dropped)
-                )
-                # As wide as this part's longest phrase, like the teachers' own batches.
-                width = int(lengths.max())
-                token_ids, dropped = token_ids[:, :width], dropped[:, :width]
-            token_ids = token_ids.masked_fill(dropped, UNK_ID)
-            token_ids, lengths, labels = token_ids.to(device), lengths.to(device), labels.to(device)
-            logits = model(token_ids, lengths)
-            loss = loss_function(logits, labels)
-            if teachers:
-                targets = teacher_targets(teachers, indices, dropped, config.temperature, device)
-                weight = config.distillation_weight
-                loss = (1 - weight) * loss + weight * distillation_loss(
-                    logits, targets, config.temperature
-                )
-            optimizer.zero_grad(set_to_none=True)
-            (loss * share if context.world_size > 1 else loss).backward()
-            nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
-            optimizer.step()
-            scheduler.step()
-            average.update_parameters(network)
-            loss_sum += loss.item() * len(indices)
-            correct += (logits.argmax(dim=1) == labels).sum().item()
-            seen += len(indices)
-            progress.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
-        loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen])
-        # The models are identical on every rank, so each scores all of dev itself.
-        scores = evaluate(average.module, dev, device)
-        history["train_loss"].append(loss_sum / seen)
-        history["train_accuracy"].append(correct / seen)
-        history["dev_loss"].append(scores["loss"])
-        history["dev_accuracy"].append(scores["accuracy"])
+    first_epoch: int = 1
+
+    def record(self, epoch: int, train: dict, dev: dict, average: nn.Module) -> None:
+        self.history["train_loss"].append(train["loss"])
+        self.history["train_accuracy"].append(train["accuracy"])
+        self.history["dev_loss"].append(dev["loss"])
+        self.history["dev_accuracy"].append(dev["accuracy"])
         log.info(
             "seed %d epoch %d: train loss %.4f acc %.4f | dev (EMA) loss %.4f acc %.4f",
-            seed,
+            self.seed,
             epoch,
-            loss_sum / seen,
-            correct / seen,
-            scores["loss"],
-            scores["accuracy"],
+            train["loss"],
+            train["accuracy"],
+            dev["loss"],
+            dev["accuracy"],
         )
-        if best is None or scores["accuracy"] > best[1]["dev_accuracy"]:
-            weights = {k: v.detach().cpu().clone() for k, v in average.module.state_dict().items()}
-            best = (
-                weights,
-                {
-                    "seed": seed,
-                    "best_epoch": epoch,
-                    "dev_accuracy": scores["accuracy"],
-                    "dev_loss": scores["loss"],
-                },
-            )
-        distributed.save_checkpoint(
-            checkpoint_dir,
-            {
-                "settings": settings,
-                "epoch": epoch,
-                "model": network.state_dict(),
-                "average": average.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "batch_order": batch_order.getstate(),
-                "dropout_generator": dropout_generator.get_state(),
-                "history": history,
-                "best": best,
-            },
-            checkpoint_name,
+        if self.best is None or dev["accuracy"] > self.best[1]["dev_accuracy"]:
+            weights = {k: v.detach().cpu().clone() for k, v in average.state_dict().items()}
+            scores = {"dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]}
+            self.best = (weights, {"seed": self.seed, "best_epoch": epoch, **scores})
+
+
+def train_one_seed(
+    seed: int,
+    model_config: SentimentClassifierConfig,
+    config: TrainConfig,
+    train: EncodedSplit,
+    dev: EncodedSplit,
+    device: torch.device,
+    teachers: Sequence[Teacher] = (),
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, list[float]]]:
+    """Train one model; return the best-on-dev EMA weights, their dev scores and the history.
+
+    With ``teachers``, the loss mixes the label's cross-entropy with the
+    distillation loss, weighted by ``config.distillation_weight``. With
+    ``config.checkpoint_dir`` each seed has its own checkpoint file.
+
+    Under torchrun every rank draws the same global batches and word dropout
+    (both seeded with ``seed``) and trains on its share of each batch.
+    """
+    run = start_seed(seed, model_config, config, len(train), device)
+    settings = {**config.settings(), **asdict(model_config), "seed": seed, "examples": len(train)}
+    checkpoint = f"checkpoint-seed{seed}.pt"
+    progress = Progress(seed)
+    resumed = resume_from(config, settings, checkpoint)
+    if resumed:
+        run.load_state_dict(resumed)
+        progress = Progress(seed, resumed["history"], resumed["best"], resumed["epoch"] + 1)
+    for epoch in range(progress.first_epoch, config.epochs + 1):
+        scores = train_one_epoch(run, train, config, teachers, device, epoch)
+        # The models are identical on every rank, so each scores all of dev itself.
+        progress.record(
+            epoch, scores, evaluate(run.average.module, dev, device), run.average.module
         )
-    assert best is not None
-    return best[0], best[1], history
+        state = {"settings": settings, "epoch": epoch, **run.state_dict()}
+        state |= {"history": progress.history, "best": progress.best}
+        distributed.save_checkpoint(config.checkpoint_dir, state, checkpoint)
+    assert progress.best is not None
+    return progress.best[0], progress.best[1], progress.history
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig()
-    model_defaults = SentimentClassifierConfig(vocab_size=0)
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    add_run_arguments(
-        parser,
-        model_name=SENTIMENT_CLASSIFIER,
-        data_help="folder holding SST-2/{train,dev,test}.tsv",
-        smoke_help=f"a quick end-to-end run on {SMOKE_TRAIN_SIZE} training phrases",
-        seed=0,
-        epochs=defaults.epochs,
-        batch_size=defaults.batch_size,
-    )
-    parser.add_argument(
-        "--seeds", type=int, nargs="+", help="train one model per seed and keep the best on dev"
-    )
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
-    parser.add_argument("--word-dropout", type=float, default=defaults.word_dropout)
-    parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
-    parser.add_argument(
-        "--min-count",
-        type=int,
-        default=None,
-        help=f"keep training tokens seen at least this often (default: {defaults.min_count}; "
-        "1 with --smoke)",
-    )
-    parser.add_argument(
-        "--teachers",
-        type=Path,
-        nargs="+",
-        default=[],
-        help="trained sentiment artifact directories to distil from (their ensemble)",
-    )
-    parser.add_argument(
-        "--distillation-weight",
-        type=float,
-        default=defaults.distillation_weight,
-        help="share of the loss spent matching the teachers (with --teachers)",
-    )
-    parser.add_argument(
-        "--temperature",
-        type=float,
-        default=defaults.temperature,
-        help="softmax temperature of the distillation loss (with --teachers)",
-    )
-    parser.add_argument("--embedding-dim", type=int, default=model_defaults.embedding_dim)
-    parser.add_argument("--hidden-size", type=int, default=model_defaults.hidden_size)
-    parser.add_argument("--embedding-dropout", type=float, default=model_defaults.embedding_dropout)
-    parser.add_argument("--output-dropout", type=float, default=model_defaults.output_dropout)
-    return parser
+    return config_parser(TrainConfig, __doc__)
 
 
-@distributed.entry_point
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    started = time.perf_counter()
-    device = start_run(args)
-    seeds = args.seeds or [args.seed]
+@dataclass
+class Data:
+    """The SST-2 splits (a fixed subset with ``--smoke``), the vocabulary built from
+    the training split, and the splits encoded in it."""
 
-    splits = {name: read_sst2(args.data_dir, name) for name in ("train", "dev", "test")}
-    if args.smoke:
+    splits: dict[str, list[LabelledText]]
+    vocabulary: Vocabulary
+    encoded: dict[str, EncodedSplit]
+
+
+def read_data(config: TrainConfig) -> Data:
+    splits = {name: read_sst2(config.data_dir, name) for name in ("train", "dev", "test")}
+    if config.smoke:
         # A fixed, shuffled subset: real data, end to end, in seconds.
         subset = random.Random(0)
         splits = {
@@ -517,127 +622,172 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dev": subset.sample(splits["dev"], SMOKE_EVAL_SIZE),
             "test": subset.sample(splits["test"], SMOKE_EVAL_SIZE),
         }
-    config = TrainConfig(
-        epochs=epoch_count(args),
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
-        word_dropout=args.word_dropout,
-        ema_decay=min(args.ema_decay, 0.9) if args.smoke else args.ema_decay,
-        min_count=args.min_count or (1 if args.smoke else TrainConfig.min_count),
-        distillation_weight=args.distillation_weight,
-        temperature=args.temperature,
-    )
     vocabulary = Vocabulary.build((row.tokens for row in splits["train"]), config.min_count)
-    model_config = SentimentClassifierConfig(
-        vocab_size=len(vocabulary),
-        embedding_dim=args.embedding_dim,
-        hidden_size=args.hidden_size,
-        embedding_dropout=args.embedding_dropout,
-        output_dropout=args.output_dropout,
-    )
     encoded = {name: encode_split(vocabulary, rows) for name, rows in splits.items()}
+    return Data(splits, vocabulary, encoded)
+
+
+def distillation_record(
+    teachers: Sequence[Teacher], config: TrainConfig, device: torch.device
+) -> dict[str, Any] | None:
+    """The teachers, their ensemble's scores and the loss's mix (``None`` without teachers)."""
+    if not teachers:
+        return None
+    distillation = {
+        "teachers": [teacher.summary() for teacher in teachers],
+        "ensemble": {
+            f"{name}_accuracy": ensemble_scores(teachers, name, device)["accuracy"]
+            for name in ("dev", "test")
+        },
+        "distillation_weight": config.distillation_weight,
+        "temperature": config.temperature,
+    }
     log.info(
-        "SST-2 %s; vocabulary %d tokens (min count %d); device %s, %d threads",
-        {name: len(rows) for name, rows in splits.items()},
-        len(vocabulary),
-        config.min_count,
-        device,
-        torch.get_num_threads(),
+        "distilling from %d teachers; their ensemble scores %.4f on dev",
+        len(teachers),
+        distillation["ensemble"]["dev_accuracy"],
     )
+    return distillation
 
-    teachers = load_teachers(args.teachers, splits, device)
-    distillation: dict[str, Any] | None = None
-    if teachers:
-        distillation = {
-            "teachers": [teacher.summary() for teacher in teachers],
-            "ensemble": {
-                f"{name}_accuracy": ensemble_scores(teachers, name, device)["accuracy"]
-                for name in ("dev", "test")
-            },
-            "distillation_weight": config.distillation_weight,
-            "temperature": config.temperature,
-        }
-        log.info(
-            "distilling from %d teachers; their ensemble scores %.4f on dev",
-            len(teachers),
-            distillation["ensemble"]["dev_accuracy"],
-        )
 
+@dataclass
+class Outcome:
+    """Every seed's result, the one chosen on dev (its weights in ``model``) and its
+    test scores."""
+
+    results: list[tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, list[float]]]]
+    selection: dict[str, Any]
+    history: dict[str, list[float]]
+    model: SentimentClassifier
+    test: dict[str, float]
+
+
+def train_seeds(
+    config: TrainConfig,
+    model_config: SentimentClassifierConfig,
+    data: Data,
+    teachers: Sequence[Teacher],
+    device: torch.device,
+) -> Outcome:
+    """Train one model per seed, keep the best on dev, score it on test."""
+    train, dev = data.encoded["train"], data.encoded["dev"]
     results = [
-        train_one_seed(
-            seed, model_config, config, encoded["train"], encoded["dev"], device, teachers, args
-        )
-        for seed in seeds
+        train_one_seed(seed, model_config, config, train, dev, device, teachers)
+        for seed in config.seeds or (config.seed,)
     ]
     # Seed selection, like epoch selection, looks at dev only.
     weights, selection, history = max(results, key=lambda result: result[1]["dev_accuracy"])
     model = SentimentClassifier(model_config)
     model.load_state_dict(weights)
     model.to(device)
-    test_scores = evaluate(model, encoded["test"], device)
-    wall_seconds = time.perf_counter() - started
-    log.info(
-        "selected seed %d epoch %d: dev accuracy %.4f, test accuracy %.4f (%.0f s)",
-        selection["seed"],
-        selection["best_epoch"],
-        selection["dev_accuracy"],
-        test_scores["accuracy"],
-        wall_seconds,
+    return Outcome(
+        results, selection, history, model, evaluate(model, data.encoded["test"], device)
     )
 
-    distributed.barrier()
-    if not distributed.current().is_main:
-        return 0
-    spec = get_spec(SENTIMENT_CLASSIFIER)
-    metadata = {
-        "smoke": args.smoke,
+
+def artifact_metadata(
+    config: TrainConfig,
+    device: torch.device,
+    data: Data,
+    outcome: Outcome,
+    distillation: dict[str, Any] | None,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    selection, results = outcome.selection, outcome.results
+    return {
+        "smoke": config.smoke,
         "metrics": {
             "dev_accuracy": selection["dev_accuracy"],
             "dev_loss": selection["dev_loss"],
-            "test_accuracy": test_scores["accuracy"],
-            "test_loss": test_scores["loss"],
+            "test_accuracy": outcome.test["accuracy"],
+            "test_loss": outcome.test["loss"],
             "selected_epoch": selection["best_epoch"],
             "selected_seed": selection["seed"],
             "dev_accuracy_per_seed": {str(r[1]["seed"]): r[1]["dev_accuracy"] for r in results},
         },
         "training": {
-            **run_provenance(device, None if argv is None else list(argv)),
+            **run_provenance(device),
             "epochs": config.epochs,
-            "seeds": seeds,
+            "seeds": list(config.seeds or (config.seed,)),
             "wall_seconds": round(wall_seconds, 1),
-            "hyperparameters": asdict(config),
+            "hyperparameters": config_record(config),
             "history": {str(r[1]["seed"]): r[2] for r in results},
         },
         "dataset": {
             "name": "SST-2 (GLUE), binary sentiment",
-            "data_dir": str(args.data_dir),
-            "sizes": {name: len(rows) for name, rows in splits.items()},
+            "data_dir": str(config.data_dir),
+            "sizes": {name: len(rows) for name, rows in data.splits.items()},
             "selection_split": "dev",
             "vocabulary": "train split only",
         },
         "distillation": distillation,
-        "vocab_size": len(vocabulary),
+        "vocab_size": len(data.vocabulary),
         "vocab_min_count": config.min_count,
         "tokenizer": "models.tokenizer.tokenize (lower-cased, PTB-style); "
         "Vocabulary.encode with the stem / compound-part fallback for unknown words",
     }
+
+
+def write_artifact(
+    config: TrainConfig, outcome: Outcome, vocabulary: Vocabulary, metadata: dict[str, Any]
+) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         vocab_path = Path(scratch) / VOCAB_FILE
         vocabulary.save(vocab_path)
         report_path = Path(scratch) / REPORT_FILE
-        write_report(history, report_path, selection)
-        destination = save_trained_model(
-            spec,
-            args.output_dir,
-            module=model,
-            config=model_config,
+        write_report(outcome.history, report_path, outcome.selection)
+        return save_trained_model(
+            get_spec(SENTIMENT_CLASSIFIER),
+            config.output_dir,
+            module=outcome.model,
+            config=outcome.model.config,
             metadata=metadata,
             extra_files={VOCAB_FILE: vocab_path, REPORT_FILE: report_path},
         )
-    log.info("wrote %s", destination)
+
+
+def run(config: TrainConfig) -> int:
+    """Train, select, test and write the ``sst2-bilstm`` artifact (rank 0 writes);
+    0 on success."""
+    started = time.perf_counter()
+    config = config.resolved()
+    device = start_run(config)
+    data = read_data(config)
+    model_config = config.model_config(len(data.vocabulary))
+    log.info(
+        "SST-2 %s; vocabulary %d tokens (min count %d); device %s, %d threads",
+        {name: len(rows) for name, rows in data.splits.items()},
+        len(data.vocabulary),
+        config.min_count,
+        device,
+        torch.get_num_threads(),
+    )
+    teachers = load_teachers(config.teachers, data.splits, device)
+    distillation = distillation_record(teachers, config, device)
+    outcome = train_seeds(config, model_config, data, teachers, device)
+    wall_seconds = time.perf_counter() - started
+    log.info(
+        "selected seed %d epoch %d: dev accuracy %.4f, test accuracy %.4f (%.0f s)",
+        outcome.selection["seed"],
+        outcome.selection["best_epoch"],
+        outcome.selection["dev_accuracy"],
+        outcome.test["accuracy"],
+        wall_seconds,
+    )
+    distributed.barrier()
+    if not distributed.current().is_main:
+        return 0
+    metadata = artifact_metadata(config, device, data, outcome, distillation, wall_seconds)
+    log.info("wrote %s", write_artifact(config, outcome, data.vocabulary, metadata))
     return 0
+
+
+@distributed.entry_point
+def main(argv: Sequence[str] | None = None) -> int:
+    """``run`` the config the command line gives."""
+    config = parse_config(TrainConfig, argv, __doc__)
+    with invoked_with(argv):
+        return run(config)
 
 
 def write_report(history: dict[str, list[float]], path: Path, selection: dict[str, Any]) -> None:
