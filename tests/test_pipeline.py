@@ -11,6 +11,7 @@ verifying the committed artifacts again leaves every byte as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from models.registry import (
 )
 from training import export, pipeline, verify
 from training.common import default_data_dir
+from training.config import config_parser, parse_config
 from training.evaluation import QUICK_EXAMPLES
 from training.latency import not_measured
 from training.parity import PARITY_ATOL
@@ -262,3 +264,108 @@ def test_skip_train_without_an_artifact_is_an_error(tmp_path, caplog):
                                 "--artifacts-dir", str(tmp_path)])  # fmt: skip
     assert status == 1
     assert "--skip-train, but there is no artifact" in caplog.text
+
+
+# --- the train stage's contract with a training script -----------------------------------
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_train_stage_passes_the_scripts_config_object(name, tmp_path, monkeypatch):
+    spec = get_spec(name)
+    trainer = spec.training_module
+    passed = []
+    monkeypatch.setattr(trainer, "run", lambda config: passed.append(config) or 0)
+    args = pipeline.build_parser().parse_args(
+        ["--quick", "--data-dir", str(DATA_DIR), "--threads", "1", "--seed", "5"]
+    )
+    pipeline.train(spec, tmp_path, args)
+    [config] = passed
+    assert type(config) is trainer.TrainConfig
+    assert (config.smoke, config.data_dir, config.output_dir) == (True, DATA_DIR, tmp_path)
+    assert (config.threads, config.seed, config.device, config.epochs) == (1, 5, "auto", None)
+    if spec.verification.labels_read_by:
+        reader = get_spec(spec.verification.labels_read_by)
+        assert config.classifier_dir == reader.artifact_dir(tmp_path)
+    else:
+        assert not hasattr(config, "classifier_dir")
+
+
+# The smallest training script the pipeline runs: the contract in training/pipeline.py.
+EXAMPLE_SCRIPT = '''
+"""Train a small digit classifier for a few steps (an example of the contract)."""
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch.utils.data import DataLoader
+
+from models.digits import DigitClassifier, DigitClassifierConfig
+from models.registry import MNIST_CLASSIFIER, get_spec
+from training import distributed
+from training.common import (
+    RunConfig, invoked_with, run_provenance, save_trained_model, seed_everything, start_run,
+)
+from training.config import config_record, parse_config
+from training.data import mnist_train_validation
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunConfig):
+    DEFAULT_EPOCHS: ClassVar[int] = 2
+    DATA: ClassVar[str] = "MNIST/raw"
+    learning_rate: float = field(default=1e-3, metadata={"help": "Adam's step", "flag": "--lr"})
+    steps: int = field(default=20, metadata={"help": "batches per epoch (4 with --smoke)"})
+
+
+def run(config: TrainConfig) -> int:
+    config = config.resolved()
+    device = start_run(config)
+    seed_everything(config.seed)
+    train_set, _ = mnist_train_validation(config.data_dir, seed=config.seed)
+    batches = DataLoader(train_set, batch_size=config.batch_size, shuffle=True)
+    model = DigitClassifier(DigitClassifierConfig()).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    for _ in range(config.epochs):
+        for _, (images, labels) in zip(range(4 if config.smoke else config.steps), batches):
+            loss = torch.nn.functional.cross_entropy(model(images.to(device)), labels.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    if distributed.current().is_main:
+        training = {**run_provenance(device), "hyperparameters": config_record(config)}
+        save_trained_model(
+            get_spec(MNIST_CLASSIFIER), config.output_dir, module=model.cpu(),
+            config=model.config, metadata={"smoke": config.smoke, "training": training},
+        )
+    return 0
+
+
+@distributed.entry_point
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(TrainConfig, argv, __doc__)
+    with invoked_with(argv):
+        return run(config)
+'''
+
+
+def test_a_script_written_to_the_contract_trains_in_the_pipeline(tmp_path, monkeypatch, capsys):
+    (tmp_path / "small_digits.py").write_text(EXAMPLE_SCRIPT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = dataclasses.replace(get_spec(MNIST_CLASSIFIER), training="small_digits")
+    args = pipeline.build_parser().parse_args(
+        ["--quick", "--data-dir", str(DATA_DIR), "--threads", "1"]
+    )
+    pipeline.train(spec, tmp_path / "artifacts", args)
+    metadata = spec.load_artifact(spec.artifact_dir(tmp_path / "artifacts")).metadata
+    assert metadata["smoke"] is True
+    recorded = metadata["training"]["hyperparameters"]
+    assert (recorded["epochs"], recorded["learning_rate"], recorded["smoke"]) == (1, 1e-3, True)
+    assert recorded["output_dir"] == str(tmp_path / "artifacts")
+    # Its command line comes from the same declaration.
+    config_type = spec.training_module.TrainConfig
+    with pytest.raises(SystemExit):
+        parse_config(config_type, ["--lr", "fast"])
+    assert "argument --lr: invalid float value: 'fast'" in capsys.readouterr().err
+    shown = config_parser(config_type).format_help()
+    assert "--lr LR" in shown and "batches per epoch (4 with --smoke)" in shown

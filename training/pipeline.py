@@ -9,7 +9,7 @@ Stages, for each model in registry order (the generator's checks read digits
 with the classifier, so the classifier comes first):
 
     train     the model's training script (``spec.training``) writes a complete
-              artifact; ``--quick`` passes ``--smoke``
+              artifact; ``--quick`` sets its config's ``smoke``
     evaluate  the saved PyTorch model's test accuracy (``training.evaluation``)
     export    ONNX fp32 graph plus INT8 / fp16 candidates (``training.export``)
     verify    ONNX Runtime against PyTorch on the test split; variants measured,
@@ -27,12 +27,37 @@ and the check, and exits with status 1.
 
 Under ``torchrun`` every process runs the train stage (the scripts share the
 work, see ``training.distributed``); the later stages run on rank 0 only.
+
+A training script is a module with two names the train stage uses:
+
+    TrainConfig   a frozen dataclass extending ``training.common.RunConfig`` (data
+                  and output directories, device, seed, epochs, batch size,
+                  threads, smoke, checkpoints, backend): every option of the
+                  script as a field with its type, default and one line of help,
+                  ``field(default=..., metadata={"help": "..."})``;
+                  ``DEFAULT_EPOCHS`` is its epoch count (``training.config``)
+    run(config)   train with ``config.resolved()`` (epochs settled: 1 with
+                  smoke), write the artifact into ``config.output_dir`` (``None``:
+                  ``artifacts_root()``) on rank 0 with
+                  ``training.common.save_trained_model``, record ``smoke`` and
+                  ``training.common.run_provenance`` in its metadata; return 0
+
+The stage builds ``TrainConfig(data_dir=, output_dir=<artifact root>, device=,
+threads=, smoke=<--quick>, dist_backend=)``, with ``seed=`` when ``--seed`` is
+given and ``classifier_dir=<the classifier's artifact>`` when the spec's
+outputs are read by a classifier (``verification.labels_read_by``) and the
+config has that field, then calls ``run(config)``. The command line of a script
+is its ``TrainConfig`` too: ``main(argv)`` is ``parse_config`` then ``run``
+inside ``invoked_with(argv)``. The smallest such script is ``EXAMPLE_SCRIPT`` in
+``tests/test_pipeline.py``; ``training.mnist`` is a complete one.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +70,7 @@ from models.registry import REGISTRY, ModelSpec, artifacts_root, get_spec
 from models.served import SERVED_MODELS_FILE, pin_served_tags
 from training import distributed
 from training.common import default_data_dir, device_argument, pick_device
+from training.config import config_command_line
 from training.evaluation import VerificationError, evaluate_into
 from training.export import export_into
 from training.log import configure_logging
@@ -77,26 +103,33 @@ def stage(spec: ModelSpec, name: str) -> Iterator[None]:
         raise PipelineError(f"{spec.name}: {name} failed: {error}") from error
 
 
-def train(spec: ModelSpec, root: Path, args: argparse.Namespace) -> None:
-    argv = ["--data-dir", str(args.data_dir), "--output-dir", str(root), "--device", args.device]
+def training_config(spec: ModelSpec, config_type: type, root: Path, args: argparse.Namespace):
+    """The training script's config for this run (see the module docstring)."""
+    values = {
+        "data_dir": args.data_dir,
+        "output_dir": root,
+        "device": args.device,
+        "threads": args.threads,
+        "smoke": args.quick,
+        "dist_backend": args.dist_backend,
+    }
     if args.seed is not None:
-        argv += ["--seed", str(args.seed)]
-    if args.threads:
-        argv += ["--threads", str(args.threads)]
-    if args.quick:
-        argv.append("--smoke")
-    if args.dist_backend != "auto":
-        argv += ["--dist-backend", args.dist_backend]
-    if spec.verification.labels_read_by:
-        argv += [
-            "--classifier-dir",
-            str(get_spec(spec.verification.labels_read_by).artifact_dir(root)),
-        ]
+        values["seed"] = args.seed
+    fields = {item.name for item in dataclasses.fields(config_type)}
+    if spec.verification.labels_read_by and "classifier_dir" in fields:
+        classifier = get_spec(spec.verification.labels_read_by)
+        values["classifier_dir"] = classifier.artifact_dir(root)
+    return config_type(**values)
+
+
+def train(spec: ModelSpec, root: Path, args: argparse.Namespace) -> None:
     trainer = spec.training_module
-    log.info("%s: python -m %s %s", spec.name, trainer.__name__, " ".join(argv))
-    status = trainer.main(argv)
+    config = training_config(spec, trainer.TrainConfig, root, args)
+    command = shlex.join(config_command_line(config))
+    log.info("%s: as python -m %s %s", spec.name, trainer.__name__, command)
+    status = trainer.run(config)
     if status:
-        raise PipelineError(f"{spec.name}: train: {trainer.__name__} exited with status {status}")
+        raise PipelineError(f"{spec.name}: train: {trainer.__name__} returned status {status}")
 
 
 def run_model(spec: ModelSpec, root: Path, args: argparse.Namespace) -> None:
