@@ -1,5 +1,5 @@
 """The one place that names every model and answers every per-model question:
-its architecture and config, labels, the endpoints that serve it, its training
+its architecture and config, labels, its service endpoint and task, its training
 script, the example input used by export, verification, benchmarks and tests,
 the ONNX signature and dynamic axes, the candidate ONNX variants, the data it
 is verified on, and its BentoML model name. Training, export, verification,
@@ -11,7 +11,8 @@ the training script and the verification data are named as ``module:attribute``
 strings, imported on first use, and the example inputs are NumPy arrays.
 
 The released artifacts live in ``models/artifacts/<name>/``; set
-``MODEL_ARTIFACTS_DIR`` to read and write them somewhere else.
+``MODEL_ARTIFACTS_DIR`` to read and write them somewhere else. Models defined
+outside this package join the registry through ``MODEL_SPECS`` (see ``Registry``).
 """
 
 from __future__ import annotations

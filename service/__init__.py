@@ -1,5 +1,6 @@
-"""How the models are served: the BentoML service (``service.service``), its
-settings, inference backends, adaptive batching, schemas and error handling.
+"""How the models are served: the BentoML service built from its settings
+(``service.bento``), the route table each model's task declares (``service.routes``,
+``service.tasks``), inference backends, adaptive batching, schemas and error handling.
 
 Imports ``models`` (never ``training``). Start with::
 

@@ -4,8 +4,9 @@ BentoML's own route for an API method parses the body through its serde
 layer, validates a pydantic model, calls the method and serialises the answer
 through several Starlette layers; for a request whose model call takes a
 fraction of a millisecond that framework work was most of the server's CPU
-(``docs/benchmarks.md``). So the five API routes are served here, in an ASGI
-middleware added with BentoML's public ``add_asgi_middleware``: it sits inside
+(``docs/benchmarks.md``). So the API routes (the route table's,
+``service.routes``) are served here, in an ASGI middleware added with BentoML's
+public ``add_asgi_middleware``: it sits inside
 BentoML's metrics, tracing, access-log and timeout middleware (so
 ``/metrics`` still counts every request and slow requests still get a 504),
 and everything that is not an API route (``/``, ``/docs.json``, ``/livez``,
