@@ -47,7 +47,7 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
-        if default is None or default is False or "default" in text:
+        if default in (None, False, ()) or "default" in text:
             return text
         if default is argparse.SUPPRESS:
             return text

@@ -91,7 +91,8 @@ class TrainConfig(RunConfig):
         metadata={"help": "D's target for real digits"},
     )
     ema_decay: float = field(
-        default=0.999, metadata={"help": "of the generator's weight average (what is released)"}
+        default=0.999,
+        metadata={"help": "decay of the generator's weight average (what is released)"},
     )
     selection_samples_per_digit: int = field(
         default=200, metadata={"help": "samples per digit that score each epoch on validation"}

@@ -89,7 +89,9 @@ class TrainConfig(RunConfig):
         },
     )
     learning_rate: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate"})
-    weight_decay: float = field(default=1e-3, metadata={"help": "on weight matrices only"})
+    weight_decay: float = field(
+        default=1e-3, metadata={"help": "AdamW weight decay, on weight matrices only"}
+    )
     warmup_fraction: float = field(
         default=0.05, metadata={"help": "share of the steps spent warming the learning rate up"}
     )
@@ -103,7 +105,8 @@ class TrainConfig(RunConfig):
     ema_decay: float = field(
         default=0.999,
         metadata={
-            "help": "of the weight average that is evaluated and saved (0.9 at most with --smoke)"
+            "help": "decay of the weight average that is evaluated and saved "
+            "(0.9 at most with --smoke)"
         },
     )
     min_count: int | None = field(
