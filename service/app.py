@@ -116,6 +116,7 @@ class ServingApp:
                 isolate_requests=not shares,
                 arriving_requests=functools.partial(in_flight.count, table.queued_paths(key)),
                 observe_batch=metrics[key].observe_batch_size,
+                prepare_batch=task.prepare_batch,
             )
         self._log_summary(stored, artifacts)
         # Everything loaded so far (torch, BentoML, the models) lives as long as the

@@ -23,6 +23,11 @@ already waiting is a new request refused with ``QueueFull``.
 
 A request with more items than ``max_batch_size`` is split over several model
 calls, so the model never sees more than ``max_batch_size`` rows at once.
+
+With a ``prepare_batch`` stage (images to decode before the model can run), a
+batch is prepared on a second thread while the model runs the batch before it:
+the two stages overlap, as an HTTP server's event loop and its model thread
+do, instead of taking turns on one thread. At most one batch waits prepared.
 ``isolate_requests`` keeps every model call to the items of a single request
 (used when batching is switched off, and for the generator when a model's
 outputs are not bitwise independent of what else is in the batch).
@@ -80,6 +85,7 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         isolate_requests: bool = False,
         arriving_requests: Callable[[], int] = lambda: 0,
         observe_batch: Callable[[int], None] | None = None,
+        prepare_batch: Callable[[list[ItemT]], list[Any]] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -93,13 +99,20 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         # (the caller subtracts the ones this batcher already holds).
         self._arriving_requests = arriving_requests
         self._observe_batch = observe_batch
+        self._prepare_batch = prepare_batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
+        self._prepare_executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prepare-{name}")
+            if prepare_batch is not None
+            else None
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._jobs: collections.deque[_Job[ItemT, ResultT]] = collections.deque()
         self._queued_items = 0
         self._active_requests = 0  # submitted and not yet answered
         self._wakeup: asyncio.Event | None = None
         self._consumer: asyncio.Task[None] | None = None
+        self._model_call: asyncio.Task[None] | None = None  # the batch in the model
 
     @property
     def queued_items(self) -> int:
@@ -140,8 +153,10 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the consumer on this event loop (a new loop gets a fresh queue)."""
-        if self._consumer is not None and not self._consumer.done():
-            self._consumer.cancel()
+        for task in (self._consumer, self._model_call):
+            if task is not None and not task.done():
+                task.cancel()
+        self._model_call = None
         self._loop = loop
         self._jobs.clear()
         self._queued_items = 0
@@ -163,28 +178,55 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
                 continue
             if self._observe_batch is not None:
                 self._observe_batch(len(batch))
-            try:
-                results = await self._loop.run_in_executor(self._executor, self._run_batch, batch)
-                if len(results) != len(batch):
-                    raise RuntimeError(
-                        f"{self.name}: the model returned {len(results)} results "
-                        f"for {len(batch)} items"
-                    )
+            if self._prepare_executor is None:
+                await self._run_model(batch, parts)
+                continue
+            try:  # while the previous batch is in the model
+                prepared = await self._loop.run_in_executor(
+                    self._prepare_executor, self._prepare_batch, batch
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                log.exception("%s: a batch of %d items failed", self.name, len(batch))
-                for job, _, _ in parts:
-                    if not job.future.done():
-                        job.future.set_exception(error)
+                self._fail(parts, error, "preparing")
                 continue
-            offset = 0
-            for job, start, count in parts:
-                job.results[start : start + count] = results[offset : offset + count]
-                offset += count
-                job.remaining -= count
-                if job.remaining == 0 and not job.future.done():
-                    job.future.set_result(job.results)
+            if self._model_call is not None:
+                await self._model_call
+            self._model_call = self._loop.create_task(self._run_model(prepared, parts))
+
+    async def _run_model(
+        self, batch: list[Any], parts: list[tuple[_Job[ItemT, ResultT], int, int]]
+    ) -> None:
+        """Run one batch through the model and hand each job its results."""
+        assert self._loop is not None
+        try:
+            results = await self._loop.run_in_executor(self._executor, self._run_batch, batch)
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"{self.name}: the model returned {len(results)} results for {len(batch)} items"
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            self._fail(parts, error, "running")
+            return
+        offset = 0
+        for job, start, count in parts:
+            job.results[start : start + count] = results[offset : offset + count]
+            offset += count
+            job.remaining -= count
+            if job.remaining == 0 and not job.future.done():
+                job.future.set_result(job.results)
+
+    def _fail(
+        self, parts: list[tuple[_Job[ItemT, ResultT], int, int]], error: Exception, stage: str
+    ) -> None:
+        count = sum(count for _, _, count in parts)
+        log.exception("%s: %s a batch of %d items failed", self.name, stage, count,
+                      exc_info=error)  # fmt: skip
+        for job, _, _ in parts:
+            if not job.future.done():
+                job.future.set_exception(error)
 
     async def _wait_for_fuller_batch(self) -> None:
         """Wait while the batch is not full and more requests are on their way."""

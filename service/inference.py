@@ -132,7 +132,13 @@ class DigitClassification:
             return small
 
     def run_batch(self, items: list[ImageItem]) -> list[np.ndarray | ImageError]:
-        results: list = self.decode_and_prepare(items)
+        return self.predict_prepared(self.decode_and_prepare(items))
+
+    def predict_prepared(
+        self, rows: list[np.ndarray | ImageError]
+    ) -> list[np.ndarray | ImageError]:
+        """Prepared rows → the probabilities of each; a row that failed stays its error."""
+        results: list = list(rows)
         good = [i for i, row in enumerate(results) if isinstance(row, np.ndarray)]
         if good:
             logits = self.predictor(np.stack([results[i] for i in good]))

@@ -20,7 +20,7 @@ import asyncio
 import base64
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -70,6 +70,9 @@ class Task:
 
     kind: ClassVar[str]
     model: Any  # the model's logic (``service.inference``); ``model.predictor`` runs it
+    # Work on a batch before the model (decoding images): done on its own thread while
+    # the model runs the batch before (``AdaptiveBatcher``); None where there is none.
+    prepare_batch: Callable[[list[Any]], list[Any]] | None = None
 
     def __init__(self, spec: ModelSpec, limits: Limits) -> None:
         self.spec = spec
@@ -148,10 +151,11 @@ class DigitClassifier(Task):
     ) -> None:
         super().__init__(spec, limits)
         self.model = DigitClassification(predictor, PixelBudget(limits.max_decode_pixels))
+        self.prepare_batch = self.model.decode_and_prepare
         self.previews_waiting = 0  # previews being prepared (event loop only)
 
     def run_batch(self, items: list[Any]) -> list[Any]:
-        return self.model.run_batch(items)
+        return self.model.predict_prepared(items)
 
     async def classify_one(self, files: dict[str, list]) -> Reply:
         [result] = await self._classify(files["image"])

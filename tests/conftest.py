@@ -219,6 +219,20 @@ class InProcessService(HttpCalls):
         self._thread.join(timeout=30)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def fresh_bentoml_metrics() -> Iterator[None]:
+    """Out of ``bentoml serve`` BentoML's request metrics live in prometheus_client's
+    default registry, and each app it builds registers them again on its first
+    request: after each module they are forgotten, so that the next module may build
+    its own in-process service."""
+    yield
+    from prometheus_client import REGISTRY
+
+    for name, collector in list(REGISTRY._names_to_collectors.items()):
+        if name.startswith("bentoml_") and collector in REGISTRY._collector_to_names:
+            REGISTRY.unregister(collector)
+
+
 # Settings of the services tests build: the CPU, one thread per model (the test machine's
 # other core runs the test itself).
 TEST_SERVICE_ENV = {"SERVING_DEVICE": "cpu", "SERVING_THREADS": "1"}

@@ -187,6 +187,56 @@ def test_isolated_requests_never_share_a_model_call():
         assert len({item // 10 for item in batch}) == 1
 
 
+def test_a_batch_is_prepared_while_the_model_runs_the_one_before():
+    """With a prepare stage, batch N+1 is prepared on its own thread while batch N is in
+    the model: the model of the first batch waits until the second has been prepared,
+    which would never happen if the stages took turns."""
+    second_prepared = threading.Event()
+    stages: list[tuple[str, list[int]]] = []
+
+    def prepare(items: list[int]) -> list[int]:
+        stages.append(("prepare", list(items)))
+        if len(stages) > 1:
+            second_prepared.set()
+        return [item + 1000 for item in items]
+
+    def model(rows: list[int]) -> list[int]:
+        stages.append(("model", list(rows)))
+        if rows[0] == 1000:  # the first batch
+            assert second_prepared.wait(timeout=10), "the stages did not overlap"
+        return [2 * row for row in rows]
+
+    batcher = AdaptiveBatcher("test", model, max_batch_size=1, max_latency_ms=0,
+                              prepare_batch=prepare)  # fmt: skip
+
+    async def main():
+        return await asyncio.gather(*[batcher.submit([i]) for i in range(4)])
+
+    assert asyncio.run(main()) == [[2 * (i + 1000)] for i in range(4)]
+    models = [items for stage, items in stages if stage == "model"]
+    assert models == [[1000 + i] for i in range(4)]  # in order, one at a time
+
+
+def test_a_batch_that_fails_to_prepare_fails_only_its_requests():
+    def prepare(items: list[int]) -> list[int]:
+        if 3 in items:
+            raise ValueError("cannot prepare")
+        return items
+
+    batcher = AdaptiveBatcher("test", RecordingModel(), max_batch_size=1, max_latency_ms=0,
+                              prepare_batch=prepare)  # fmt: skip
+
+    async def main():
+        outcomes = await asyncio.gather(
+            *[batcher.submit([i]) for i in (1, 3, 5)], return_exceptions=True
+        )
+        return outcomes, await batcher.submit([7])
+
+    (one, three, five), later = asyncio.run(main())
+    assert one == [2] and five == [10] and later == [14]
+    assert isinstance(three, ValueError)
+
+
 def test_a_failing_batch_fails_only_its_requests_and_the_batcher_goes_on():
     model = RecordingModel(fail_on=3)
     batcher = _batcher(model, isolate_requests=True)
