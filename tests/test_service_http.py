@@ -31,13 +31,12 @@ from collections.abc import Sequence
 from urllib.parse import urlparse
 
 import aiohttp
-import numpy as np
 import psutil
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.multipart import Part, multipart_body
+from tests.service_payloads import encode, multipart
 
 MAX_ITEMS = 16
 CLASSIFY_MAX_BATCH = 8
@@ -67,16 +66,6 @@ RAW_SENTENCES = [
 @pytest.fixture(scope="module")
 def server(model_store, serve):
     return serve("service.service:ServingService", SERVER_ENV)
-
-
-def encode(pixels: np.ndarray, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return buffer.getvalue()
-
-
-def multipart(parts: Sequence[Part]) -> tuple[bytes, str]:
-    return multipart_body(parts, boundary="test-boundary-7d4a1f")
 
 
 def post_files(server, path: str, field: str, files: Sequence[bytes], content_type="image/png"):

@@ -19,6 +19,7 @@ from PIL import Image
 from bench.multipart import file_parts, multipart_body
 from models.preprocessing import digit_tensor_from_image
 from service.inference import softmax
+from tests.service_payloads import RecordingPredictor, encode
 
 RAW_SENTENCES = [
     ("What a wonderful, moving film. I loved every minute of it!", "positive"),
@@ -27,27 +28,6 @@ RAW_SENTENCES = [
     ("I didn't like it at all: boring, predictable and far too long.", "negative"),
 ]
 JSON_TYPE = "application/json"
-
-
-def encode(pixels: np.ndarray, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-class RecordingPredictor:
-    """Wraps a real predictor and records the batch size of every call."""
-
-    def __init__(self, predictor) -> None:
-        self.predictor = predictor
-        self.batch_sizes: list[int] = []
-
-    def __call__(self, *inputs: np.ndarray) -> np.ndarray:
-        self.batch_sizes.append(len(inputs[0]))
-        return self.predictor(*inputs)
-
-    def describe(self) -> str:
-        return self.predictor.describe()
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +89,7 @@ def test_classify_mnist_test_digits(svc, mnist_test_digits, fmt, polarity):
     images, labels = images[:40], labels[:40]
     if polarity == "dark-on-light":
         images = 255 - images
-    options = {"quality": 95} if fmt == "JPEG" else {}
-    results = answers(
-        svc.request_all(classify_requests([encode(p, fmt, **options) for p in images]))
-    )
+    results = answers(svc.request_all(classify_requests([encode(p, fmt) for p in images])))
     predicted = np.array([r["digit"] for r in results])
     assert (predicted == labels).mean() >= 0.95
     for result in results:

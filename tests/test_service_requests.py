@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.multipart import Part, multipart_body
+from tests.service_payloads import RecordingPredictor, encode, multipart
 
 MAX_ITEMS = 16
 CLASSIFY_MAX_BATCH = 8
@@ -36,30 +36,8 @@ def server(in_process):
     return in_process(SERVICE_ENV)
 
 
-def encode(pixels: np.ndarray, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return buffer.getvalue()
-
-
-def multipart(parts: Sequence[Part]) -> tuple[bytes, str]:
-    return multipart_body(parts, boundary="test-boundary-7d4a1f")
-
-
 def post_files(server, path: str, field: str, files: Sequence[bytes], content_type="image/png"):
     return server.post_files(path, field, files, content_type)
-
-
-class ModelCalls:
-    """Records the batch size of every call of a predictor it wraps."""
-
-    def __init__(self, predictor) -> None:
-        self.predictor = predictor
-        self.batch_sizes: list[int] = []
-
-    def __call__(self, *inputs: np.ndarray) -> np.ndarray:
-        self.batch_sizes.append(len(inputs[0]))
-        return self.predictor(*inputs)
 
 
 # --- right answers, every body form ---------------------------------------------------
@@ -112,7 +90,7 @@ def test_a_valid_image_with_a_misleading_part_type_is_classified(server, mnist_t
 def test_an_oversized_request_is_split_below_the_maximum_batch(server, mnist_test_digits):
     images, _ = mnist_test_digits
     model = server.instance.tasks["classify"].model
-    calls = model.predictor = ModelCalls(model.predictor)
+    calls = model.predictor = RecordingPredictor(model.predictor)
     try:
         files = [encode(p, "PNG") for p in images[:MAX_ITEMS]]
         status, answers = post_files(server, "/classify_batch", "images", files)
