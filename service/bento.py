@@ -23,6 +23,7 @@ import logging
 from typing import Any
 
 import bentoml
+import yaml
 
 from models.registry import REGISTRY, ModelSpec, get_spec
 from service import framework_hooks, openapi
@@ -62,25 +63,31 @@ class RoutedService(bentoml.Service):
         return schema
 
     @property
-    def openapi_spec(self) -> Any:
-        from bentoml._internal.service.openapi.specification import PathItem, Schema
-        from bentoml._internal.utils.cattr import bentoml_cattr
+    def openapi_spec(self) -> OpenApiDocument:
+        document = super().openapi_spec.asdict()
+        document["paths"].update(openapi.paths(self.route_table))
+        document.setdefault("components", {}).setdefault("schemas", {}).update(
+            openapi.components(self.route_table)
+        )
+        return OpenApiDocument(document)
 
-        # BentoML's document is made of its OpenAPI classes (its YAML and JSON writers
-        # expect them); the route table's parts are read into the same classes.
-        spec = super().openapi_spec
-        for path, item in openapi.paths(self.route_table).items():
-            spec.paths[path] = bentoml_cattr.structure(item, PathItem)
-        schemas = spec.components.setdefault("schemas", {})
-        for name, schema in openapi.components(self.route_table).items():
-            schemas[name] = bentoml_cattr.structure(schema, Schema)
-        return spec
+
+class OpenApiDocument:
+    """The OpenAPI document in the two forms BentoML reads: ``asdict()`` (``/docs.json``)
+    and YAML (``apis/openapi.yaml`` in a built bento)."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.document = document
+
+    def asdict(self) -> dict[str, Any]:
+        return self.document
 
 
 def build_service(settings: Settings) -> bentoml.Service:
     """The service for these settings: its models, routes, web page and configuration."""
     table = route_table(list(REGISTRY.values()), settings)
     framework_hooks.install(settings, api_routes=table)
+    yaml.add_representer(OpenApiDocument, _document_as_yaml)
     tags = served_model_tags({key: model.tag for key, model in settings.models.items()})
     check_store_entries(tags.values())
 
@@ -140,6 +147,10 @@ def build_service(settings: Settings) -> bentoml.Service:
         handler=bentoml.get_current_service,
     )
     return service
+
+
+def _document_as_yaml(dumper: yaml.Dumper, document: OpenApiDocument) -> yaml.Node:
+    return dumper.represent_dict(document.document)
 
 
 def _attribute(key: str) -> str:

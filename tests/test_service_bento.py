@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -65,6 +66,14 @@ def test_the_bento_packs_the_service_its_models_and_pinned_packages(bento_tag, m
     assert not Path(bento.path_of("src/models/artifacts")).exists()
     dockerfile = Path(bento.path_of("env/docker/Dockerfile")).read_text()
     assert "python:3.11" in dockerfile or "3.11" in dockerfile
+    # The bento's API documents are the route table's.
+    openapi = yaml.safe_load(Path(bento.path_of("apis/openapi.yaml")).read_text())
+    assert {"/classify", "/classify_input", "/sentiment_batch", "/generate"} <= set(
+        openapi["paths"]
+    )
+    assert "image/png" in openapi["paths"]["/classify"]["post"]["requestBody"]["content"]
+    schema = json.loads(Path(bento.path_of("apis/schema.json")).read_text())
+    assert "classify_batch" in [route["name"] for route in schema["routes"]]
 
 
 def test_the_built_bento_answers_every_endpoint(bento_tag, serve, mnist_test_digits):
