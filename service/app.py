@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from models.artifacts import Artifact
+from service import v2
 from service.backends import (
     Device,
     Placement,
@@ -37,12 +38,12 @@ from service.backends import (
 from service.batching import AdaptiveBatcher
 from service.errors import RequestError, ServiceBusy
 from service.heap_snapshots import HeapSnapshots
-from service.http import IN_FLIGHT, InFlight, Reply
+from service.http import IN_FLIGHT, Headers, InFlight, Reply
 from service.inference import TimedPredictor
 from service.memory import return_freed_memory_promptly
 from service.metrics import endpoint_metrics
 from service.model_store import load_stored_artifact
-from service.routes import RouteTable
+from service.routes import Route, RouteTable
 from service.settings import (
     RENAMED_MODEL_SETTINGS,
     Settings,
@@ -51,8 +52,12 @@ from service.settings import (
     resolve_precision,
 )
 from service.tasks import Task, task_kind
+from service.v2 import V2Error
 
 log = logging.getLogger("service")
+
+# The Open Inference Protocol's name for each backend (model metadata's "platform").
+PLATFORMS = {"onnx": "onnxruntime_onnx", "torch": "pytorch"}
 
 
 class StoredModel(Protocol):
@@ -60,6 +65,16 @@ class StoredModel(Protocol):
 
     tag: Any
     path: str
+
+
+def _error_reply(route: Route, error: RequestError | ServiceBusy | V2Error) -> Reply:
+    """A refusal in the route's protocol: the service's error shape, or v2's
+    ``{"error": "..."}``."""
+    if isinstance(error, V2Error):
+        return Reply(error.status, v2.error_body(error.message))
+    if route.protocol == "v2":
+        return Reply(error.status, v2.error_body(error.body()["error"]), headers=error.headers())
+    return Reply.error(error)
 
 
 def placement(settings: Settings, key: str, device: Device) -> Placement:
@@ -101,7 +116,10 @@ class ServingApp:
                 load_predictor(spec, artifacts[key], placement(settings, key, self.device)),
                 metrics[key].observe_model_seconds,
             )
-            self.tasks[key] = task_kind(spec)(spec, settings.limits, predictor, artifacts[key])
+            task = task_kind(spec)(spec, settings.limits, predictor, artifacts[key])
+            task.version = str(stored[key].tag).partition(":")[2]
+            task.platform = PLATFORMS[placement(settings, key, self.device).backend]
+            self.tasks[key] = task
         return_freed_memory_promptly()
         batching = settings.resolve_batching(self.device.type)
         for key, task in self.tasks.items():
@@ -132,23 +150,25 @@ class ServingApp:
     def refusal(self, path: str) -> Reply | None:
         """A 503 for ``path`` while its model's queue has no room, before anything is read."""
         route = self.table[path]
-        if not route.queued:
+        if route.queue is None:
             return None
-        batcher = self.tasks[route.endpoint].batcher
+        batcher = self.tasks[route.queue].batcher
         if not batcher.is_full:
             return None
-        return Reply.error(
-            ServiceBusy(f"the server is busy ({batcher.name}: the queue is full); retry shortly")
-        )
+        busy = ServiceBusy(f"the server is busy ({batcher.name}: the queue is full); retry shortly")
+        return _error_reply(route, busy)
 
-    async def handle(self, path: str, media_type: str, content_type: str, body: bytes) -> Reply:
+    async def handle(
+        self, path: str, media_type: str, content_type: str, body: bytes, headers: Headers
+    ) -> Reply:
         """Answer one request to an API route; the gate has checked method, type and size."""
         route = self.table[path]
+        target = self if route.endpoint is None else self.tasks[route.endpoint]
         try:
-            request = route.decode(media_type, content_type, body)
-            return await route.answer(self.tasks[route.endpoint], request)
-        except (RequestError, ServiceBusy) as error:
-            return Reply.error(error)
+            request = route.decode(media_type, content_type, body, headers)
+            return await route.answer(target, request)
+        except (RequestError, ServiceBusy, V2Error) as error:
+            return _error_reply(route, error)
 
     def _log_summary(self, stored: Mapping[str, StoredModel], artifacts: Mapping[str, Artifact]):
         """One start-up summary a production user can check the deployment against."""

@@ -20,13 +20,14 @@ loads its models once, at start-up. Nothing happens at import.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import bentoml
 import yaml
 
 from models.registry import REGISTRY, ModelSpec, get_spec
-from service import framework_hooks, openapi
+from service import framework_hooks, openapi, v2_routes
 from service.app import ServingApp, placement
 from service.backends import check_placement, resolve_device
 from service.http import ApiGate, Reply
@@ -39,11 +40,16 @@ from service.webpage import PAGE_PATH, page_app
 SERVICE_NAME = "digit-sentiment-serving"
 
 
-def route_table(specs: list[ModelSpec], settings: Settings) -> RouteTable:
-    """Every API route of the served models, from their specs."""
-    return RouteTable(
-        route for spec in specs for route in task_kind(spec).routes(spec, settings.limits)
-    )
+def route_table(
+    specs: list[ModelSpec], settings: Settings, versions: Mapping[str, str]
+) -> RouteTable:
+    """Every API route of the served models, from their specs: each task's own routes,
+    then the Open Inference Protocol's (``versions``: model store version by endpoint)."""
+    native = [route for spec in specs for route in task_kind(spec).routes(spec, settings.limits)]
+    protocol = v2_routes.server_routes() + [
+        route for spec in specs for route in v2_routes.model_routes(spec, versions[spec.endpoint])
+    ]
+    return RouteTable(native + protocol)
 
 
 class RoutedService(bentoml.Service):
@@ -85,11 +91,12 @@ class OpenApiDocument:
 
 def build_service(settings: Settings) -> bentoml.Service:
     """The service for these settings: its models, routes, web page and configuration."""
-    table = route_table(list(REGISTRY.values()), settings)
-    framework_hooks.install(settings, api_routes=table)
-    yaml.add_representer(OpenApiDocument, _document_as_yaml)
     tags = served_model_tags({key: model.tag for key, model in settings.models.items()})
     check_store_entries(tags.values())
+    versions = {key: tag.partition(":")[2] for key, tag in tags.items()}
+    table = route_table(list(REGISTRY.values()), settings, versions)
+    framework_hooks.install(settings, api_routes=table)
+    yaml.add_representer(OpenApiDocument, _document_as_yaml)
 
     class ServingService:
         """Classify handwritten digits, tell the sentiment of English text and generate digits.
@@ -142,7 +149,8 @@ def build_service(settings: Settings) -> bentoml.Service:
     )(bentoml.asgi_app(page_app(), path=PAGE_PATH)(ServingService))
     service.add_asgi_middleware(
         ApiGate,
-        routes=table.media_types(),
+        routes=table.gate_routes(),
+        unknown=table.unknown,
         max_body_bytes=settings.limits.max_body_bytes,
         handler=bentoml.get_current_service,
     )

@@ -114,8 +114,11 @@ class _Waiting:
 
 
 class ApiHandler(Protocol):
-    async def handle(self, path: str, media_type: str, content_type: str, body: bytes) -> Reply:
-        """Answer one API request; ``media_type`` is the lower-cased type of ``content_type``."""
+    async def handle(
+        self, path: str, media_type: str, content_type: str, body: bytes, headers: Headers
+    ) -> Reply:
+        """Answer one API request; ``media_type`` is the lower-cased type of ``content_type``,
+        ``headers`` the request's (ASGI: lower-case names, as bytes)."""
         ...
 
     def refusal(self, path: str) -> Reply | None:
@@ -161,23 +164,36 @@ class InFlight:
 
 IN_FLIGHT = InFlight()
 
+Headers = Iterable[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class GateRoute:
+    """What the gate checks of a request before its body is read."""
+
+    method: str  # POST: a body of one of ``media_types``; GET: no body
+    media_types: tuple[str, ...] = ()
+
 
 class ApiGate:
-    """Pure ASGI middleware; ``routes`` maps an API path to the media types it accepts,
-    ``handler`` returns the object that answers them (the running service instance)."""
+    """Pure ASGI middleware; ``routes`` maps an API path to its method and the media types
+    it accepts, ``handler`` returns the object that answers them (the running service
+    instance); ``unknown`` may answer a path that is not a route (a protocol's 404)."""
 
     def __init__(
         self,
         app: Any,
         *,
-        routes: Mapping[str, tuple[str, ...]],
+        routes: Mapping[str, GateRoute],
         max_body_bytes: int,
         handler: Callable[[], ApiHandler],
+        unknown: Callable[[str], Reply | None] = lambda path: None,
         in_flight: InFlight = IN_FLIGHT,
         disconnects: DisconnectLog | None = None,
     ) -> None:
         self.app = app
         self.routes = dict(routes)
+        self.unknown = unknown
         self.max_body_bytes = max_body_bytes
         self.handler = handler
         self.in_flight = in_flight
@@ -186,16 +202,22 @@ class ApiGate:
         self._sweeping = False
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or (accepted := self.routes.get(scope["path"])) is None:
+        if scope["type"] != "http" or (route := self.routes.get(scope["path"])) is None:
+            if scope["type"] == "http" and (reply := self.unknown(scope["path"])) is not None:
+                await send_reply(send, reply)
+                return
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        if scope["method"] != "POST":
-            await _reject(send, 405, "method_not_allowed", f"{path} accepts POST requests only",
-                          ("method",), {"Allow": "POST"})  # fmt: skip
+        if scope["method"] != route.method:
+            await _reject(send, 405, "method_not_allowed",
+                          f"{path} accepts {route.method} requests only", ("method",),
+                          {"Allow": route.method})  # fmt: skip
             return
         content_type, content_length = _body_headers(scope["headers"])
-        media_type, problem = _content_type_problem(content_type, accepted)
+        media_type, problem = "", None
+        if route.method == "POST":
+            media_type, problem = _content_type_problem(content_type, route.media_types)
         if problem is not None:
             await _reject(send, 415, "unsupported_media_type", f"{path}: {problem}",
                           ("header", "content-type"))  # fmt: skip
@@ -218,7 +240,7 @@ class ApiGate:
                 reply = CLIENT_GONE
             else:
                 reply = await self._answer_while_connected(
-                    handler, receive, path, media_type, content_type or "", body
+                    handler, receive, path, media_type, content_type or "", body, scope["headers"]
                 )
                 if reply is None:
                     self.disconnects.note(path, "while the request was served")
@@ -270,11 +292,9 @@ class ApiGate:
         else:
             self._sweeping = False
 
-    async def _answer(
-        self, handler: ApiHandler, path: str, media_type: str, content_type: str, body: bytes
-    ) -> Reply:
+    async def _answer(self, handler: ApiHandler, path: str, *request: Any) -> Reply:
         try:
-            return await handler.handle(path, media_type, content_type, body)
+            return await handler.handle(path, *request)
         except Exception:
             # A fault of the server, not of the request: log it, answer 500 in the
             # service's error shape, and keep serving.

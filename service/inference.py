@@ -227,6 +227,12 @@ class DigitGeneration:
         latent, labels = latent_arrays(count, self.latent_dim, seed, digit, self.num_classes)
         return [LatentRow(row, label) for row, label in zip(latent, labels.tolist(), strict=True)]
 
+    def prepare_digits(self, digits: Sequence[int], seed: int) -> list[LatentRow]:
+        """One row per digit, from the latent vectors ``seed`` draws first: the images are
+        those ``prepare`` gives for the same seed whenever the digits are the same."""
+        latent, _ = latent_arrays(len(digits), self.latent_dim, seed, 0, self.num_classes)
+        return [LatentRow(row, int(digit)) for row, digit in zip(latent, digits, strict=True)]
+
     def run_batch(self, rows: list[LatentRow]) -> list[np.ndarray]:
         images = self._raw(rows)
         pixels = digits_from_generator_output(images)

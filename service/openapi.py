@@ -60,13 +60,26 @@ _ERROR = {
 _BINARY = {"type": "string", "format": "binary"}
 
 
+# The statuses of the Open Inference Protocol's routes, all with its error shape.
+V2_ERROR_STATUSES = {
+    400: "A malformed request or tensor: the error says which and why.",
+    404: "No such model or version.",
+    503: "The model's queue is full (or the server is draining): retry shortly.",
+    504: "No answer within SERVING_REQUEST_TIMEOUT_S.",
+}
+
+
 def paths(table: RouteTable) -> dict[str, dict]:
-    return {path: {"post": _operation(route)} for path, route in table.items()}
+    return {path: {route.method.lower(): _operation(route)} for path, route in table.items()}
 
 
 def components(table: RouteTable) -> dict[str, dict]:
     """The schemas the operations refer to, by name."""
     schemas: dict[str, dict] = {ERROR_SCHEMA: _ERROR}
+    if any(route.protocol == "v2" for route in table.values()):
+        from service.v2_routes import SCHEMAS
+
+        schemas.update(SCHEMAS)
     for route in table.values():
         for model, mode in ((route.json_body, "validation"), (route.response, "serialization")):
             if model is not None:
@@ -89,30 +102,41 @@ def client_routes(table: RouteTable) -> list[dict[str, Any]]:
             "is_task": False,
         }
         for route in table.values()
+        if route.protocol == "native"
     ]
 
 
 def _operation(route: Route) -> dict:
-    return {
+    statuses, error = ERROR_STATUSES, ERROR_SCHEMA
+    if route.protocol == "v2":
+        statuses, error = V2_ERROR_STATUSES, "V2Error"
+    operation = {
         "summary": route.summary,
         "description": route.description,
         "operationId": route.name,
-        "tags": [TAG],
-        "requestBody": {"required": True, "content": _request_content(route)},
+        "tags": [TAG if route.protocol == "native" else "Open Inference Protocol (v2)"],
         "responses": {
             "200": {"description": "The answer.", "content": _response_content(route)},
             **{
                 str(status): {
                     "description": why,
-                    "content": {JSON: {"schema": {"$ref": REF.format(model=ERROR_SCHEMA)}}},
+                    "content": {JSON: {"schema": {"$ref": REF.format(model=error)}}},
                 }
-                for status, why in ERROR_STATUSES.items()
+                for status, why in statuses.items()
             },
         },
     }
+    if route.method == "POST":
+        operation["requestBody"] = {"required": True, "content": _request_content(route)}
+    return operation
 
 
 def _request_content(route: Route) -> dict:
+    if route.documents is not None and route.documents.get("request"):
+        content = {JSON: {"schema": {"$ref": REF.format(model=route.documents["request"])}}}
+        content.update({media_type: {"schema": _BINARY} for media_type in route.media_types
+                        if media_type != JSON})  # fmt: skip
+        return content
     if route.json_body is not None:
         return {JSON: {"schema": {"$ref": REF.format(model=_name(route.json_body))}}}
     content: dict[str, dict] = {MULTIPART: {"schema": _form_schema(route, _BINARY)}}
@@ -122,6 +146,11 @@ def _request_content(route: Route) -> dict:
 
 
 def _response_content(route: Route) -> dict:
+    if route.documents is not None:
+        content = {JSON: {"schema": {"$ref": REF.format(model=route.documents["answer"])}}}
+        if route.reads_body is not None:  # the binary tensor extension's answer
+            content["application/octet-stream"] = {"schema": _BINARY}
+        return content
     content = {}
     if route.response is not None:
         content[JSON] = {"schema": {"$ref": REF.format(model=_name(route.response))}}

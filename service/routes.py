@@ -18,8 +18,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from service.http import IMAGE_TYPES, JSON, MULTIPART, Reply
+from service import v2
+from service.http import IMAGE_TYPES, JSON, MULTIPART, GateRoute, Headers, Reply
 from service.requests import form_files, parse_form, parse_json
+
+V2_PREFIX = "/v2/"
 
 # Form parts one request may carry beyond its files: a few other fields.
 EXTRA_FORM_PARTS = 16
@@ -38,11 +41,15 @@ class FileField:
 class Route:
     path: str
     name: str  # the operation's name: BentoML's clients call it as a method
-    endpoint: str  # the model (its spec's ``endpoint``) whose task answers the route
+    # The model (its spec's ``endpoint``) whose task answers the route; None: the
+    # service itself (a protocol's server metadata and health).
+    endpoint: str | None
     summary: str
     description: str
-    # (the model's task, the decoded request) → the answer
+    # (the model's task, or the service, and the decoded request) → the answer
     answer: Callable[[Any, Any], Awaitable[Reply]]
+    method: str = "POST"  # GET: no body
+    protocol: str = "native"  # or "v2": the Open Inference Protocol (service.v2)
     json_body: type[BaseModel] | None = None  # a JSON body validated by this schema
     files: tuple[FileField, ...] = ()  # or a multipart body with these fields
     raw_image: bool = False  # the one file may also be the whole body (image/png, ...)
@@ -51,9 +58,19 @@ class Route:
     # Its requests wait in the model's batcher queue, so a full queue refuses them
     # (503) before their body is read.
     queued: bool = True
+    # A body the route reads itself: (body, headers) → its request (the v2 protocol's
+    # tensors); the JSON and file forms above are for the service's own routes.
+    reads_body: Callable[[bytes, Headers], Any] | None = None
+    media: tuple[str, ...] = ()  # the media types such a body may have
+    # The OpenAPI request and answer schemas of a route that reads its own body.
+    documents: Mapping[str, Any] | None = None
 
     @property
     def media_types(self) -> tuple[str, ...]:
+        if self.method != "POST":
+            return ()
+        if self.reads_body is not None:
+            return self.media
         if self.json_body is not None:
             return (JSON,)
         return (MULTIPART, *IMAGE_TYPES) if self.raw_image else (MULTIPART,)
@@ -62,9 +79,18 @@ class Route:
     def max_form_parts(self) -> int:
         return sum(field.max_items or 1 for field in self.files) + EXTRA_FORM_PARTS
 
-    def decode(self, media_type: str, content_type: str, body: bytes) -> Any:
+    @property
+    def queue(self) -> str | None:
+        """The model whose batcher queue this route's requests wait in."""
+        return self.endpoint if self.queued and self.method == "POST" else None
+
+    def decode(self, media_type: str, content_type: str, body: bytes, headers: Headers) -> Any:
         """The body → the request the answer takes: the validated JSON model, or
         ``{field: [(file bytes, location), ...]}``; raises ``RequestError``."""
+        if self.method != "POST":
+            return None
+        if self.reads_body is not None:
+            return self.reads_body(body, headers)
         if self.json_body is not None:
             return parse_json(self.json_body, body)
         if media_type != MULTIPART:  # a raw image body (the gate checked the type)
@@ -99,14 +125,19 @@ class RouteTable(Mapping[str, Route]):
     def __len__(self) -> int:
         return len(self._routes)
 
-    def media_types(self) -> dict[str, tuple[str, ...]]:
-        """What the gate needs: path → the media types it accepts."""
-        return {path: route.media_types for path, route in self._routes.items()}
+    def gate_routes(self) -> dict[str, GateRoute]:
+        """What the gate checks before reading a body: path → method and media types."""
+        return {
+            path: GateRoute(route.method, route.media_types) for path, route in self._routes.items()
+        }
 
     def queued_paths(self, endpoint: str) -> tuple[str, ...]:
         """The routes whose requests wait in ``endpoint``'s batcher queue."""
-        return tuple(
-            path
-            for path, route in self._routes.items()
-            if route.endpoint == endpoint and route.queued
-        )
+        return tuple(path for path, route in self._routes.items() if route.queue == endpoint)
+
+    def unknown(self, path: str) -> Reply | None:
+        """A protocol's own 404 for a path under its prefix that is no route (an unknown
+        model or version); None elsewhere (BentoML answers)."""
+        if path.startswith(V2_PREFIX):
+            return Reply(404, v2.error_body(f"no such model, version or route: {path}"))
+        return None

@@ -46,6 +46,7 @@ from service.memory import PixelBudget, RequestPixels
 from service.requests import identify_images
 from service.routes import FileField, Route
 from service.schemas import (
+    MAX_SEED,
     DigitPrediction,
     GeneratedDigits,
     generate_input,
@@ -53,6 +54,7 @@ from service.schemas import (
     text_prediction,
 )
 from service.settings import Limits
+from service.v2 import BYTES, InferRequest, Tensor, TensorSpec, bad_request
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ class Task:
 
     kind: ClassVar[str]
     model: Any  # the model's logic (``service.inference``); ``model.predictor`` runs it
+    version: str = ""  # its model store version
+    platform: str = ""  # its backend, as the Open Inference Protocol names it
     # Work on a batch before the model (decoding images): done on its own thread while
     # the model runs the batch before (``AdaptiveBatcher``); None where there is none.
     prepare_batch: Callable[[list[Any]], list[Any]] | None = None
@@ -81,6 +85,36 @@ class Task:
 
     def run_batch(self, items: list[Any]) -> list[Any]:
         raise NotImplementedError
+
+    # The model's tensors in the Open Inference Protocol (``service.v2_routes``): the
+    # request carries one of the inputs; the answer has every output.
+    def v2_inputs(self) -> tuple[TensorSpec, ...]:
+        raise NotImplementedError
+
+    def v2_outputs(self) -> tuple[TensorSpec, ...]:
+        raise NotImplementedError
+
+    async def infer_v2(self, request: InferRequest) -> tuple[list[Tensor], dict[str, Any]]:
+        """The outputs for a v2 request, and the answer's parameters."""
+        raise NotImplementedError
+
+    def v2_input(self, request: InferRequest) -> Tensor:
+        """The request's one input, checked against the model's metadata."""
+        known = {spec.name: spec for spec in self.v2_inputs()}
+        names = [tensor.name for tensor in request.inputs]
+        if len(names) != 1 or names[0] not in known:
+            raise bad_request(f"{self.spec.name} takes one input, one of {', '.join(known)}; "
+                              f"got {', '.join(names)}")  # fmt: skip
+        [tensor] = request.inputs
+        known[tensor.name].check(tensor)
+        if tensor.shape[0] > self.limits.max_items_per_request:
+            raise bad_request(
+                f"input {tensor.name!r}: {tensor.shape[0]} items, more than the "
+                f"{self.limits.max_items_per_request} one request may carry"
+            )
+        if tensor.shape[0] == 0:
+            raise bad_request(f"input {tensor.name!r} has no items")
+        return tensor
 
     def shares_batches(self, device_type: str, max_batch_size: int) -> bool:
         """Whether rows of different requests may share a model call."""
@@ -178,7 +212,13 @@ class DigitClassifier(Task):
     async def classify_images(
         self, images: Sequence[Image.Image], locations: Sequence[Location]
     ) -> list[dict]:
-        """Identified images → one prediction each; every corrupt image is reported at once.
+        return [_digit_prediction(row) for row in await self.probabilities(images, locations)]
+
+    async def probabilities(
+        self, images: Sequence[Image.Image], locations: Sequence[Location]
+    ) -> list[np.ndarray]:
+        """Identified images → the probabilities of each; every corrupt image is reported
+        at once.
 
         Small images are decoded and preprocessed in the batcher's thread, a whole
         batch at a time. Large uploads, and requests of more images than one batch,
@@ -199,7 +239,14 @@ class DigitClassifier(Task):
             results = await self.submit(images)
         else:
             results = await self._classify_in_chunks(images, batch)
-        return _digit_predictions(results, locations)
+        problems = [
+            Problem(result.type, result.message, loc)
+            for result, loc in zip(results, locations, strict=True)
+            if isinstance(result, ImageError)
+        ]
+        if problems:
+            raise RequestError(problems)
+        return results
 
     async def _classify_in_chunks(self, images: Sequence[Image.Image], size: int) -> list[Any]:
         """Decode and prepare each chunk of ``images`` on a worker thread while the model
@@ -223,6 +270,41 @@ class DigitClassifier(Task):
         finally:
             for _, future in pending:
                 future.cancel()
+
+    def v2_inputs(self) -> tuple[TensorSpec, ...]:
+        return (
+            TensorSpec("images", "FP32", (-1, 1, 28, 28), "normalised pixels, the model's input"),
+            TensorSpec("pixels", "UINT8", (-1, 28, 28), "raw pixels, either polarity, "
+                       "through the service's preprocessing"),
+            TensorSpec("image_files", BYTES, (-1,), f"encoded images ({SUPPORTED_TEXT})"),
+        )  # fmt: skip
+
+    def v2_outputs(self) -> tuple[TensorSpec, ...]:
+        return (
+            TensorSpec("probabilities", "FP32", (-1, len(self.spec.labels)), "of each digit"),
+            TensorSpec("digit", "INT64", (-1,), "the most probable digit"),
+        )
+
+    async def infer_v2(self, request: InferRequest) -> tuple[list[Tensor], dict[str, Any]]:
+        tensor = self.v2_input(request)
+        if tensor.name == "images":
+            rows = list(np.ascontiguousarray(tensor.data, dtype=np.float32))
+            results = await self.submit(rows)
+        elif tensor.name == "pixels":
+            images = [Image.fromarray(np.ascontiguousarray(p)) for p in tensor.data]
+            results = await self.probabilities(images, _tensor_locations(tensor))
+        else:
+            files = [(bytes(data), loc) for data, loc in
+                     zip(tensor.data, _tensor_locations(tensor), strict=True)]  # fmt: skip
+            images = identify_images(files, max_pixels=self.limits.max_image_pixels)
+            results = await self.probabilities(images, [loc for _, loc in files])
+        probabilities = np.stack(results).astype(np.float32)
+        digits = probabilities.argmax(axis=1).astype(np.int64)
+        outputs = [
+            Tensor("probabilities", "FP32", probabilities.shape, probabilities),
+            Tensor("digit", "INT64", digits.shape, digits),
+        ]
+        return outputs, {}
 
     async def preview(self, files: dict[str, list]) -> Reply:
         """The 28×28 grayscale PNG the classifier is given for one image (the web page
@@ -295,6 +377,36 @@ class TextClassifier(Task):
     async def classify_many(self, request: Any) -> Reply:
         texts = request.texts
         return Reply.json(await self.score(texts, [("texts", i) for i in range(len(texts))]))
+
+    def v2_inputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("texts", BYTES, (-1,), "UTF-8 texts"),)
+
+    def v2_outputs(self) -> tuple[TensorSpec, ...]:
+        return (
+            TensorSpec("score", "FP32", (-1,), f"P({self.spec.labels[-1]})"),
+            TensorSpec("label", BYTES, (-1,), " or ".join(self.spec.labels)),
+        )
+
+    async def infer_v2(self, request: InferRequest) -> tuple[list[Tensor], dict[str, Any]]:
+        tensor = self.v2_input(request)
+        texts = []
+        for index, data in enumerate(tensor.data):
+            try:
+                texts.append(bytes(data).decode("utf-8"))
+            except UnicodeDecodeError:
+                raise bad_request(f"input 'texts': element {index} is not UTF-8") from None
+            if len(texts[-1]) > self.limits.max_text_chars:
+                raise bad_request(f"input 'texts': element {index} is longer than "
+                                  f"{self.limits.max_text_chars} characters")  # fmt: skip
+        results = await self.score(texts, _tensor_locations(tensor))
+        scores = np.array([result["score"] for result in results], dtype=np.float32)
+        labels = np.empty(len(results), dtype=object)
+        labels[:] = [result["label"].encode() for result in results]
+        outputs = [
+            Tensor("score", "FP32", scores.shape, scores),
+            Tensor("label", BYTES, labels.shape, labels),
+        ]
+        return outputs, {}
 
     async def score(self, texts: Sequence[str], locations: Sequence[Location]) -> list[dict]:
         rows, problems = [], []
@@ -370,6 +482,30 @@ class DigitGenerator(Task):
         )
         return False
 
+    def v2_inputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("digits", "INT64", (-1,), "the digit of each image; the request's "
+                           "parameter seed (an integer) fixes the images"),)  # fmt: skip
+
+    def v2_outputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("images", "UINT8", (-1, 28, 28), "white on black"),)
+
+    async def infer_v2(self, request: InferRequest) -> tuple[list[Tensor], dict[str, Any]]:
+        tensor = self.v2_input(request)
+        digits = tensor.data.reshape(-1).tolist()
+        if len(digits) > self.limits.max_generate_n:
+            raise bad_request(f"input 'digits': at most {self.limits.max_generate_n} images "
+                              "in one request")  # fmt: skip
+        classes = self.model.num_classes
+        if any(not 0 <= digit < classes for digit in digits):
+            raise bad_request(f"input 'digits': each digit must be 0–{classes - 1}")
+        seed = request.parameters.get("seed")
+        if seed is None:
+            seed = secrets.randbits(63)
+        elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+            raise bad_request(f"parameter 'seed' must be an integer from 0 to {MAX_SEED}")
+        images = np.stack(await self.submit(self.model.prepare_digits(digits, seed)))
+        return [Tensor("images", "UINT8", images.shape, images)], {"seed": seed}
+
     async def generate(self, request: Any) -> Reply:
         seed = secrets.randbits(63) if request.seed is None else request.seed
         rows = self.model.prepare(request.n, request.digit, seed)
@@ -406,16 +542,8 @@ def _list_of(model: type[BaseModel]) -> type[BaseModel]:
     return type(f"{model.__name__}List", (RootModel[list[model]],), {})  # type: ignore[valid-type]
 
 
-def _digit_predictions(results: Sequence[Any], locations: Sequence[Location]) -> list[dict]:
-    """Probabilities per item → predictions; every failed item is reported at once."""
-    problems = [
-        Problem(result.type, result.message, loc)
-        for result, loc in zip(results, locations, strict=True)
-        if isinstance(result, ImageError)
-    ]
-    if problems:
-        raise RequestError(problems)
-    return [_digit_prediction(probabilities) for probabilities in results]
+def _tensor_locations(tensor: Tensor) -> list[Location]:
+    return [("inputs", tensor.name, index) for index in range(tensor.shape[0])]
 
 
 def _digit_prediction(probabilities: np.ndarray) -> dict:

@@ -31,6 +31,11 @@ from bench.multipart import file_parts, multipart_body
 # Bytes of Python heap a served request may leave behind, on average, after the warm-up.
 # A leaked timer and future cost about 300; a leaked log record or label set about 500.
 MAX_BYTES_PER_REQUEST = 8.0
+# The whole service holds some bounded state whose size at a snapshot varies: timers
+# cancelled but still in the event loop's heap (asyncio compacts it only now and
+# then), contexts numpy keeps per thread. Measured 0.5–8.2 bytes per request over
+# 3,000 requests with the fix, 462.8 with BentoML's request timeout.
+SERVICE_MAX_BYTES_PER_REQUEST = 16.0
 WARMUP_REQUESTS = 2_000
 MEASURED_REQUESTS = 3_000
 CONCURRENCY = 16
@@ -200,7 +205,7 @@ def test_the_service_keeps_nothing_per_request(service_app, mnist_test_digits, s
 
     growth = asyncio.run(scenario())
     assert statuses == {200: WARMUP_REQUESTS + MEASURED_REQUESTS + 2 * 3}
-    assert growth < MAX_BYTES_PER_REQUEST, f"{growth}"
+    assert growth < SERVICE_MAX_BYTES_PER_REQUEST, f"{growth}"
 
 
 def test_heap_snapshots_name_the_line_that_keeps_memory(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from bench.multipart import file_parts, multipart_body
-from service.openapi import ERROR_STATUSES
+from service.openapi import ERROR_STATUSES, V2_ERROR_STATUSES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,18 +54,23 @@ def example_of(schema: dict, components: dict) -> dict:
 def test_every_route_is_documented_with_each_body_form_and_error(svc, documents):
     openapi, schema = documents
     table = svc.service.inner.route_table
-    documented = {path for path, item in openapi["paths"].items() if "post" in item}
+    documented = {
+        path for path, item in openapi["paths"].items() if {"get", "post"} & set(item)
+    } - {"/healthz", "/livez", "/readyz", "/metrics"}  # BentoML's
     assert documented == set(table)
     for path, route in table.items():
-        operation = openapi["paths"][path]["post"]
-        assert set(operation["requestBody"]["content"]) == set(route.media_types), path
-        assert {"200", *map(str, ERROR_STATUSES)} == set(operation["responses"]), path
+        operation = openapi["paths"][path][route.method.lower()]
+        if route.method == "POST":
+            assert set(operation["requestBody"]["content"]) == set(route.media_types), path
+        statuses = ERROR_STATUSES if route.protocol == "native" else V2_ERROR_STATUSES
+        assert {"200", *map(str, statuses)} == set(operation["responses"]), path
         assert operation["operationId"] == route.name
     # The routes the web page uses and the raw-image form of /classify are there too.
     classify = openapi["paths"]["/classify"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "image/png", "image/jpeg"} <= set(classify)
     assert "/classify_input" in openapi["paths"]
-    assert [route["name"] for route in schema["routes"]] == [r.name for r in table.values()]
+    native = [r.name for r in table.values() if r.protocol == "native"]
+    assert [route["name"] for route in schema["routes"]] == native
 
 
 def test_each_documented_example_is_answered_as_documented(svc, documents):
@@ -74,6 +79,8 @@ def test_each_documented_example_is_answered_as_documented(svc, documents):
     components = openapi["components"]["schemas"]
     table = svc.service.inner.route_table
     for path, route in table.items():
+        if route.protocol != "native":
+            continue  # the Open Inference Protocol's: tests/test_v2.py
         content = openapi["paths"][path]["post"]["requestBody"]["content"]
         if "application/json" in content:
             body = example_of(content["application/json"]["schema"], components)
@@ -97,8 +104,12 @@ def test_each_documented_example_is_answered_as_documented(svc, documents):
 def test_the_gate_answers_the_table_s_routes_and_nothing_else(svc):
     table = svc.service.inner.route_table
     for path, route in table.items():
-        status, _, raw = svc.request(path, method="GET")
-        assert status == 405, path
+        other = "POST" if route.method == "GET" else "GET"
+        status, headers, raw = svc.request(path, method=other)
+        assert status == 405 and headers["allow"] == route.method, path
+        if route.method == "GET":
+            assert svc.request(path)[0] == 200, path
+            continue
         status, _, raw = svc.request(path, data=b"x", headers={"Content-Type": "text/csv"})
         assert status == 415 and json.loads(raw)["detail"][0]["type"] == "unsupported_media_type"
         assert all(media_type in json.loads(raw)["error"] for media_type in route.media_types)

@@ -23,7 +23,16 @@ from starlette.routing import Route
 from bench.multipart import multipart_body
 from service.batching import AdaptiveBatcher, QueueFull
 from service.errors import Problem, RequestError, ServiceBusy
-from service.http import JSON, MULTIPART, PNG, ApiGate, DisconnectLog, InFlight, Reply
+from service.http import (
+    JSON,
+    MULTIPART,
+    PNG,
+    ApiGate,
+    DisconnectLog,
+    GateRoute,
+    InFlight,
+    Reply,
+)
 from service.imaging import ImageError, encode_png, grid_png, load_image, open_image
 from service.memory import PixelBudget, RequestPixels
 from service.requests import form_files, identify_images, parse_form, parse_json
@@ -446,7 +455,11 @@ class EchoHandler:
     def refusal(self, path: str) -> Reply | None:
         return Reply.error(ServiceBusy("the queue is full")) if self.busy else None
 
-    async def handle(self, path: str, media_type: str, content_type: str, body: bytes) -> Reply:
+    async def handle(
+        self, path: str, media_type: str, content_type: str, body: bytes, headers
+    ) -> Reply:
+        if path == "/status":
+            return Reply.json({"method": "GET", "bytes": len(body)})
         if body == b"fail":
             raise RuntimeError("a server fault")
         if body == b"slow":
@@ -469,9 +482,14 @@ def test_the_gate_checks_method_content_type_and_size_then_hands_over_the_body()
     app = Starlette(routes=[Route("/livez", other)])
     app.add_middleware(
         ApiGate,
-        routes={"/echo": (JSON,), "/files": (MULTIPART, PNG)},
+        routes={
+            "/echo": GateRoute("POST", (JSON,)),
+            "/files": GateRoute("POST", (MULTIPART, PNG)),
+            "/status": GateRoute("GET"),
+        },
         max_body_bytes=1000,
         handler=lambda: handler,
+        unknown=lambda path: Reply(404, b'{"error": "no such model"}') if "/v2/" in path else None,
         in_flight=in_flight,
     )
 
@@ -493,6 +511,13 @@ def test_the_gate_checks_method_content_type_and_size_then_hands_over_the_body()
             assert (await client.get("/livez")).text == "BentoML's own route"
             not_post = await client.get("/echo")
             assert not_post.status_code == 405 and not_post.headers["allow"] == "POST"
+            # A GET route: no body and no Content-Type checked; POST to it is refused.
+            assert (await client.get("/status")).json() == {"method": "GET", "bytes": 0}
+            assert (await client.post("/status", content=b"{}")).status_code == 405
+            # A path that is no route: the protocol's own 404 where it has one, else the app's.
+            unknown = await client.post("/v2/models/nope/infer", content=b"{}")
+            assert unknown.status_code == 404 and unknown.json() == {"error": "no such model"}
+            assert (await client.get("/elsewhere")).status_code == 404
             wrong = await client.post("/echo", content=b"x", headers={"Content-Type": "text/plain"})
             assert wrong.status_code == 415
             assert wrong.json()["detail"][0]["type"] == "unsupported_media_type"
@@ -526,7 +551,7 @@ def test_the_gate_cancels_the_work_of_a_client_that_disconnects(caplog):
     clock = [0.0]
     gate = ApiGate(
         None,
-        routes={"/echo": (JSON,)},
+        routes={"/echo": GateRoute("POST", (JSON,))},
         max_body_bytes=1000,
         handler=lambda: handler,
         in_flight=in_flight,
