@@ -1,0 +1,290 @@
+"""The Open Inference Protocol (KServe v2) over REST, with a client nobody here wrote.
+
+Triton's ``tritonclient.http`` talks to a real ``bentoml serve``: health, server and
+model metadata, and inference on all three models with binary and with JSON
+tensors. Its answers equal the service's own endpoints' on 1,000 MNIST test digits
+and 500 SST-2 test sentences, and the generator's images equal ``/generate``'s
+byte for byte. Every REST answer validates against the specification's messages
+(``service.v2_routes.SCHEMAS``), and every malformed request gets a 400 (or 404)
+with ``{"error": "..."}`` while the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+
+import jsonschema
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.v2_routes import SCHEMAS
+from tests.service_payloads import encode
+
+CHUNK = 100  # items per request, within the default limit of 128
+SERVER_ENV = {"SERVING_DEVICE": "cpu", "SERVING_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def server(model_store, serve):
+    return serve("service.service:ServingService", SERVER_ENV)
+
+
+@pytest.fixture(scope="module")
+def triton(server):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def mnist_1000(data_dir) -> tuple[np.ndarray, np.ndarray]:
+    from torchvision import datasets
+
+    test_set = datasets.MNIST(str(data_dir), train=False, download=False)
+    return test_set.data[:1000].numpy(), test_set.targets[:1000].numpy()
+
+
+def validate(message: object, schema: str) -> None:
+    jsonschema.validate(message, SCHEMAS[schema])
+
+
+def get_json(server, path: str, schema: str, status: int = 200) -> dict:
+    answered, _, body = server.request(path)
+    assert answered == status, (path, body)
+    message = json.loads(body)
+    validate(message, schema)
+    return message
+
+
+def test_health_and_metadata_validate_against_the_specification(server, triton, model_store):
+    assert triton.is_server_live() and triton.is_server_ready()
+    metadata = triton.get_server_metadata()
+    assert "binary_tensor_data" in metadata["extensions"]
+    validate(get_json(server, "/v2", "V2ServerMetadata"), "V2ServerMetadata")
+    assert get_json(server, "/v2/health/live", "V2ServerLive")["live"] is True
+    assert get_json(server, "/v2/health/ready", "V2ServerReady")["ready"] is True
+    for tag in model_store.values():
+        name, version = tag.split(":")
+        assert triton.is_model_ready(name) and triton.is_model_ready(name, version)
+        model = triton.get_model_metadata(name)
+        assert model == triton.get_model_metadata(name, version)
+        assert model["versions"] == [version] and model["platform"] == "onnxruntime_onnx"
+        validate(get_json(server, f"/v2/models/{name}", "V2ModelMetadata"), "V2ModelMetadata")
+        ready = get_json(server, f"/v2/models/{name}/versions/{version}/ready", "V2ModelReady")
+        assert ready == {"name": name, "ready": True}
+    classifier = triton.get_model_metadata("mnist-cnn")
+    images = {"name": "images", "datatype": "FP32", "shape": [-1, 1, 28, 28]}
+    assert classifier["inputs"][0] == images
+    assert [o["name"] for o in classifier["outputs"]] == ["probabilities", "digit"]
+    get_json(server, "/v2/models/no-such-model", "V2Error", status=404)
+    get_json(server, "/v2/models/mnist-cnn/versions/0000/ready", "V2Error", status=404)
+
+
+def _infer(triton, model: str, name: str, datatype: str, data: np.ndarray, binary: bool,
+           outputs: tuple[str, ...], **options):  # fmt: skip
+    import tritonclient.http as httpclient
+
+    tensor = httpclient.InferInput(name, list(data.shape), datatype)
+    tensor.set_data_from_numpy(data, binary_data=binary)
+    requested = [httpclient.InferRequestedOutput(o, binary_data=binary) for o in outputs]
+    return triton.infer(model, [tensor], outputs=requested, **options)
+
+
+def _native_classify(server, pngs: list[bytes]) -> list[dict]:
+    answers = []
+    for start in range(0, len(pngs), CHUNK):
+        status, chunk = server.post_files("/classify_batch", "images", pngs[start : start + CHUNK])
+        assert status == 200, chunk
+        answers += chunk
+    return answers
+
+
+def test_the_classifier_answers_as_the_native_route_on_1000_mnist_digits(
+    server, triton, mnist_1000
+):
+    images, labels = mnist_1000
+    pngs = [encode(pixels, "PNG") for pixels in images]
+    native = _native_classify(server, pngs)
+    native_probabilities = np.array([answer["probabilities"] for answer in native])
+    for form, binary in (("image_files", True), ("pixels", False), ("image_files", False)):
+        probabilities, digits = [], []
+        for start in range(0, len(images), CHUNK):
+            if form == "pixels":
+                data, datatype = images[start : start + CHUNK], "UINT8"
+            else:
+                data, datatype = np.array(pngs[start : start + CHUNK], dtype=object), "BYTES"
+            if form == "image_files" and not binary:
+                # JSON carries strings: base64-encoded file bytes would not be the image.
+                continue
+            result = _infer(triton, "mnist-cnn", form, datatype, data, binary,
+                            ("probabilities", "digit"))  # fmt: skip
+            probabilities.append(result.as_numpy("probabilities"))
+            digits.append(result.as_numpy("digit"))
+        if not probabilities:
+            continue
+        np.testing.assert_allclose(np.concatenate(probabilities), native_probabilities, atol=1e-5)
+        assert np.concatenate(digits).tolist() == [answer["digit"] for answer in native]
+    assert np.mean([answer["digit"] for answer in native] == labels) > 0.98
+
+
+def test_preprocessed_tensors_reach_the_model_as_they_are(server, triton, mnist_1000):
+    from models.preprocessing import digit_tensor_from_image
+
+    images, labels = mnist_1000
+    rows = np.stack([digit_tensor_from_image(Image.fromarray(p)).numpy() for p in images[:64]])
+    binary = _infer(triton, "mnist-cnn", "images", "FP32", rows, True, ("probabilities", "digit"))
+    as_json = _infer(triton, "mnist-cnn", "images", "FP32", rows, False, ("digit",),
+                     request_id="digits-64")  # fmt: skip
+    assert binary.as_numpy("probabilities").shape == (64, 10)
+    assert as_json.get_response()["id"] == "digits-64"
+    assert as_json.as_numpy("probabilities") is None  # only the requested output
+    assert as_json.as_numpy("digit").tolist() == binary.as_numpy("digit").tolist()
+    assert np.mean(binary.as_numpy("digit") == labels[:64]) > 0.95
+
+
+def test_sentiment_answers_as_the_native_route_on_500_sst2_sentences(server, triton, data_dir):
+    from training.data import read_sst2
+
+    texts = [row.text for row in read_sst2(data_dir, "test")[:500]]
+    native = []
+    for start in range(0, len(texts), CHUNK):
+        chunk_texts = texts[start : start + CHUNK]
+        status, chunk = server.post_json("/sentiment_batch", {"texts": chunk_texts})
+        assert status == 200
+        native += chunk
+    for binary in (True, False):
+        scores, labels = [], []
+        for start in range(0, len(texts), CHUNK):
+            data = np.array([t.encode() for t in texts[start : start + CHUNK]], dtype=object)
+            result = _infer(triton, "sst2-bilstm", "texts", "BYTES", data, binary,
+                            ("score", "label"))  # fmt: skip
+            scores.append(result.as_numpy("score"))
+            # tritonclient gives bytes from binary data, str from JSON
+            labels += [
+                label.decode() if isinstance(label, bytes) else label
+                for label in result.as_numpy("label")
+            ]
+        np.testing.assert_allclose(np.concatenate(scores), [a["score"] for a in native], atol=1e-5)
+        assert labels == [answer["label"] for answer in native]
+
+
+def test_generated_images_are_byte_identical_to_generate(server, triton):
+    status, native = server.post_json("/generate", {"n": 6, "seed": 2024})
+    assert status == 200
+    digits = np.array([image["digit"] for image in native["images"]], dtype=np.int64)
+    expected = np.stack(
+        [np.asarray(Image.open(io.BytesIO(base64.b64decode(i["png"])))) for i in native["images"]]
+    )
+    for binary in (True, False):
+        result = _infer(triton, "digit-gan", "digits", "INT64", digits, binary, ("images",),
+                        parameters={"seed": 2024})  # fmt: skip
+        assert result.as_numpy("images").dtype == np.uint8
+        assert np.array_equal(result.as_numpy("images"), expected)
+        assert result.get_response()["parameters"]["seed"] == 2024
+
+
+def test_json_answers_validate_against_the_specification(server):
+    request = {
+        "id": "r1",
+        "parameters": {"unknown_parameter": 1},  # tolerated
+        "inputs": [{"name": "texts", "datatype": "BYTES", "shape": [1], "data": ["Fine."]}],
+    }
+    status, answer = server.post_json("/v2/models/sst2-bilstm/infer", request)
+    assert status == 200
+    validate(answer, "V2InferenceResponse")
+    validate(request, "V2InferenceRequest")
+    assert answer["id"] == "r1" and answer["model_name"] == "sst2-bilstm"
+    assert {output["name"] for output in answer["outputs"]} == {"score", "label"}
+
+
+def _binary_request(header: dict, payload: bytes, header_length: int | None = None):
+    head = json.dumps(header).encode()
+    length = len(head) if header_length is None else header_length
+    headers = {"Inference-Header-Content-Length": str(length)}
+    return head + payload, {**headers, "Content-Type": "application/octet-stream"}
+
+
+FP32_ONE = np.zeros((1, 1, 28, 28), np.float32).tobytes()
+
+
+def _images_header(size: int, shape=(1, 1, 28, 28), datatype="FP32") -> dict:
+    tensor = {"name": "images", "shape": list(shape), "datatype": datatype,
+              "parameters": {"binary_data_size": size}}  # fmt: skip
+    return {"inputs": [tensor]}
+
+
+MALFORMED = {
+    # name: (path, body, headers, status, words the error must contain)
+    "wrong datatype": (
+        "/v2/models/mnist-cnn/infer",
+        *_binary_request(_images_header(6272, datatype="FP64"), FP32_ONE + FP32_ONE),
+        400,
+        "must be FP32",
+    ),
+    "shape does not match the data": (
+        "/v2/models/mnist-cnn/infer",
+        *_binary_request(_images_header(3136, shape=(2, 1, 28, 28)), FP32_ONE),
+        400, "do not make the shape"),
+    "binary_data_size beyond the body": (
+        "/v2/models/mnist-cnn/infer", *_binary_request(_images_header(9999), FP32_ONE),
+        400, "beyond the end of the body"),
+    "header length beyond the body": (
+        "/v2/models/mnist-cnn/infer",
+        *_binary_request(_images_header(3136), FP32_ONE, header_length=10**6),
+        400, "inference-header-content-length"),
+    "BYTES elements that overrun": (
+        "/v2/models/sst2-bilstm/infer",
+        *_binary_request({"inputs": [{"name": "texts", "shape": [1], "datatype": "BYTES",
+                                      "parameters": {"binary_data_size": 8}}]},
+                         struct.pack("<I", 1000) + b"abcd"),
+        400, "says 1000 bytes"),
+    "JSON data that does not fill the shape": (
+        "/v2/models/digit-gan/infer",
+        json.dumps({"inputs": [{"name": "digits", "shape": [3], "datatype": "INT64",
+                                "data": [1, 2]}]}).encode(),
+        {"Content-Type": "application/json"}, 400, "2 values"),
+    "an input the model does not have": (
+        "/v2/models/digit-gan/infer",
+        json.dumps({"inputs": [{"name": "noise", "shape": [1], "datatype": "INT64",
+                                "data": [1]}]}).encode(),
+        {"Content-Type": "application/json"}, 400, "takes one input"),
+    "too many items": (
+        "/v2/models/sst2-bilstm/infer",
+        json.dumps({"inputs": [{"name": "texts", "shape": [129], "datatype": "BYTES",
+                                "data": ["x"] * 129}]}).encode(),
+        {"Content-Type": "application/json"}, 400, "more than the 128"),
+    "a digit out of range": (
+        "/v2/models/digit-gan/infer",
+        json.dumps({"inputs": [{"name": "digits", "shape": [1], "datatype": "INT64",
+                                "data": [12]}]}).encode(),
+        {"Content-Type": "application/json"}, 400, "0–9"),
+    "not JSON": ("/v2/models/mnist-cnn/infer", b"{", {"Content-Type": "application/json"},
+                 400, "not valid JSON"),
+    "an unknown model": ("/v2/models/resnet/infer", b"{}", {}, 404, "no such model"),
+    "an unknown version": ("/v2/models/mnist-cnn/versions/7/infer", b"{}", {}, 404,
+                           "no such model"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_requests_get_a_clear_error(server, case):
+    path, body, headers, expected, words = MALFORMED[case]
+    status, _, raw = server.request(path, data=body, headers=headers)
+    assert status == expected, raw
+    error = json.loads(raw)
+    validate(error, "V2Error")
+    assert set(error) == {"error"} and words in error["error"], error
+
+
+def test_the_server_keeps_serving_after_malformed_tensors(server, triton):
+    assert triton.is_server_ready()
+    assert "Exception on /" not in server.log()
+    result = _infer(triton, "sst2-bilstm", "texts", "BYTES",
+                    np.array([b"A fine film."], dtype=object), True, ("label",))  # fmt: skip
+    assert result.as_numpy("label").tolist() == [b"positive"]
