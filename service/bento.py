@@ -131,6 +131,25 @@ def build_service(settings: Settings) -> bentoml.Service:
                 check_placement(get_spec(settings.models[key].registry_name), artifact,
                                 placement(settings, key, device))  # fmt: skip
 
+        @bentoml.on_startup
+        async def start_grpc(self) -> None:
+            """The Open Inference Protocol over gRPC, on this worker's event loop (so on
+            its batchers), once its models are loaded."""
+            self.grpc = None
+            if settings.grpc_port is not None:
+                from service.v2_grpc import GrpcServer
+
+                tasks = {task.spec.name: task for task in self.app.tasks.values()}
+                limit = settings.limits.max_body_bytes
+                self.grpc = GrpcServer(tasks, settings.grpc_port, limit)
+                await self.grpc.start()
+
+        @bentoml.on_shutdown
+        async def stop_grpc(self) -> None:
+            """After the HTTP server has drained: the calls in flight get as long again."""
+            if self.grpc is not None:
+                await self.grpc.stop(settings.connections.drain_s)
+
         def refusal(self, path: str) -> Reply | None:
             return self.app.refusal(path)
 

@@ -88,6 +88,7 @@ MODELS = "Models"
 BATCHING = "Adaptive batching"
 LIMITS = "Request limits (every violation is a 4xx with a JSON body naming the problem)"
 CONNECTIONS = "HTTP connections, per worker (service.connections)"
+PROTOCOLS = "Protocols (REST is always on: the service's routes and the Open Inference Protocol)"
 LOGGING = "Logging"
 DIAGNOSTICS = "Diagnostics (off by default; see service.heap_snapshots)"
 MIB = 1024 * 1024
@@ -154,6 +155,9 @@ DECLARED: tuple[Setting, ...] = (
             "closed", CONNECTIONS, minimum=0.0),
     Setting("DRAIN_IDLE_S", "number", 1.0, "at shutdown, idle connections stay open this long "
             "and answer new requests 503 + Connection: close", CONNECTIONS, minimum=0.0),
+    Setting("GRPC_PORT", "int", None, "each worker also serves the Open Inference Protocol "
+            "over gRPC on this port (all workers share it)", PROTOCOLS, minimum=1,
+            default_doc="unset: HTTP only"),
     Setting("LOG_LEVEL", "choice", "info", "level of the service's own log: info is the "
             "start-up summary, warnings and server errors; debug adds one line per rejected "
             "request", LOGGING, choices=("debug", "info", "warning", "error")),
@@ -214,6 +218,7 @@ class Settings:
     batching: bool
     max_queue_items: int
     request_timeout_s: float
+    grpc_port: int | None
     log_level: str
     access_log: bool
     tracing: bool

@@ -184,6 +184,43 @@ def _input_tensor(spec: Any, index: int, binary: bytes, offset: int) -> tuple[Te
     return Tensor(name, datatype, tuple(shape), data.reshape(shape), parameters), offset
 
 
+def tensor_from_bytes(
+    name: str, datatype: str, shape: Sequence[int], raw: bytes, parameters: Mapping[str, Any]
+) -> Tensor:
+    """A tensor sent as raw bytes (gRPC's ``raw_input_contents``), checked as over REST."""
+    where = _check_header(name, datatype, shape)
+    data = _from_bytes(raw, datatype, math.prod(shape), where)
+    return Tensor(name, datatype, tuple(shape), data.reshape(tuple(shape)), parameters)
+
+
+def tensor_from_values(
+    name: str, datatype: str, shape: Sequence[int], values: Sequence[Any],
+    parameters: Mapping[str, Any],
+) -> Tensor:  # fmt: skip
+    """A tensor sent as typed values (gRPC's ``contents``; BYTES elements as bytes)."""
+    where = _check_header(name, datatype, shape)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise bad_request(f"{where}: {len(values)} values do not make the shape's {count} elements")
+    if datatype == BYTES:
+        data = np.empty(count, dtype=object)
+        data[:] = list(values)
+    else:
+        data = _from_json(list(values), datatype, count, where)
+    return Tensor(name, datatype, tuple(shape), data.reshape(tuple(shape)), parameters)
+
+
+def _check_header(name: str, datatype: str, shape: Sequence[int]) -> str:
+    where = f"input {name!r}"
+    if not name:
+        raise bad_request("an input has no name")
+    if datatype != BYTES and datatype not in DATATYPES:
+        raise bad_request(f"{where}: unknown datatype {datatype!r}")
+    if any(dimension < 0 for dimension in shape):
+        raise bad_request(f"{where}: a dimension of the shape is negative")
+    return where
+
+
 def _from_bytes(raw: bytes, datatype: str, count: int, where: str) -> np.ndarray:
     if datatype == BYTES:
         return _bytes_elements(raw, count, where)

@@ -1,8 +1,10 @@
-"""The Open Inference Protocol (KServe v2) over REST, with a client nobody here wrote.
+"""The Open Inference Protocol (KServe v2) over REST and gRPC, with a client nobody
+here wrote.
 
-Triton's ``tritonclient.http`` talks to a real ``bentoml serve``: health, server and
-model metadata, and inference on all three models with binary and with JSON
-tensors. Its answers equal the service's own endpoints' on 1,000 MNIST test digits
+Triton's ``tritonclient.http`` and ``tritonclient.grpc`` talk to a real ``bentoml
+serve`` (gRPC on ``SERVING_GRPC_PORT``): health, server and model metadata, and
+inference on all three models with binary and with JSON tensors (gRPC: raw and
+typed contents). Its answers equal the service's own endpoints' on 1,000 MNIST test digits
 and 500 SST-2 test sentences, and the generator's images equal ``/generate``'s
 byte for byte. Every REST answer validates against the specification's messages
 (``service.v2_routes.SCHEMAS``), and every malformed request gets a 400 (or 404)
@@ -22,15 +24,26 @@ import pytest
 from PIL import Image
 
 from service.v2_routes import SCHEMAS
+from tests.conftest import free_port
 from tests.service_payloads import encode
 
 CHUNK = 100  # items per request, within the default limit of 128
-SERVER_ENV = {"SERVING_DEVICE": "cpu", "SERVING_THREADS": "1"}
+GRPC_PORT = free_port()
+SERVER_ENV = {"SERVING_DEVICE": "cpu", "SERVING_THREADS": "1", "SERVING_GRPC_PORT": str(GRPC_PORT)}
 
 
 @pytest.fixture(scope="module")
 def server(model_store, serve):
     return serve("service.service:ServingService", SERVER_ENV)
+
+
+@pytest.fixture(scope="module")
+def triton_grpc(server):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{GRPC_PORT}")
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +301,95 @@ def test_the_server_keeps_serving_after_malformed_tensors(server, triton):
     result = _infer(triton, "sst2-bilstm", "texts", "BYTES",
                     np.array([b"A fine film."], dtype=object), True, ("label",))  # fmt: skip
     assert result.as_numpy("label").tolist() == [b"positive"]
+
+
+# --- gRPC ------------------------------------------------------------------------------
+
+
+def _infer_grpc(client, model: str, name: str, datatype: str, data: np.ndarray,
+                outputs: tuple[str, ...], **options):  # fmt: skip
+    import tritonclient.grpc as grpcclient
+
+    tensor = grpcclient.InferInput(name, list(data.shape), datatype)
+    tensor.set_data_from_numpy(data)
+    requested = [grpcclient.InferRequestedOutput(output) for output in outputs]
+    return client.infer(model, [tensor], outputs=requested, **options)
+
+
+def test_grpc_health_metadata_and_inference_for_every_model(
+    server, triton, triton_grpc, model_store, mnist_1000, sst2_test_sentences
+):
+    assert triton_grpc.is_server_live() and triton_grpc.is_server_ready()
+    assert "binary_tensor_data" in triton_grpc.get_server_metadata(as_json=True)["extensions"]
+    for tag in model_store.values():
+        name, version = tag.split(":")
+        assert triton_grpc.is_model_ready(name) and triton_grpc.is_model_ready(name, version)
+        metadata = triton_grpc.get_model_metadata(name, as_json=True)
+        for tensor in metadata["inputs"]:  # protobuf's JSON writes int64 as strings
+            tensor["shape"] = [int(dimension) for dimension in tensor["shape"]]
+        assert metadata["inputs"] == triton.get_model_metadata(name)["inputs"]
+    images, _ = mnist_1000
+    pngs = np.array([encode(p, "PNG") for p in images[:CHUNK]], dtype=object)
+    over_grpc = _infer_grpc(triton_grpc, "mnist-cnn", "image_files", "BYTES", pngs,
+                            ("probabilities", "digit"), request_id="grpc-1")  # fmt: skip
+    over_http = _infer(triton, "mnist-cnn", "image_files", "BYTES", pngs, True,
+                       ("probabilities", "digit"))  # fmt: skip
+    np.testing.assert_allclose(
+        over_grpc.as_numpy("probabilities"), over_http.as_numpy("probabilities"), atol=1e-5
+    )
+    assert over_grpc.as_numpy("digit").tolist() == over_http.as_numpy("digit").tolist()
+    assert over_grpc.get_response(as_json=True)["id"] == "grpc-1"
+    texts = np.array([text.encode() for text, _ in sst2_test_sentences[:50]], dtype=object)
+    scores = _infer_grpc(triton_grpc, "sst2-bilstm", "texts", "BYTES", texts, ("score",))
+    expected = _infer(triton, "sst2-bilstm", "texts", "BYTES", texts, True, ("score",))
+    np.testing.assert_allclose(scores.as_numpy("score"), expected.as_numpy("score"), atol=1e-6)
+    assert scores.as_numpy("label") is None  # only the requested output
+    digits = np.array([3, 1, 4, 1, 5], dtype=np.int64)
+    generated = _infer_grpc(triton_grpc, "digit-gan", "digits", "INT64", digits, ("images",),
+                            parameters={"seed": 9})  # fmt: skip
+    again = _infer(triton, "digit-gan", "digits", "INT64", digits, True, ("images",),
+                   parameters={"seed": 9})  # fmt: skip
+    assert np.array_equal(generated.as_numpy("images"), again.as_numpy("images"))
+
+
+def test_grpc_typed_contents_are_read_like_raw_ones(server, triton_grpc):
+    """``contents`` instead of ``raw_input_contents``: the specification allows both."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name="digit-gan", parameters={
+        "seed": pb.InferParameter(int64_param=9)})  # fmt: skip
+    tensor = request.inputs.add(name="digits", datatype="INT64", shape=[2])
+    tensor.contents.int64_contents.extend([7, 7])
+    response = triton_grpc._client_stub.ModelInfer(request)
+    [images] = response.raw_output_contents
+    expected = _infer_grpc(triton_grpc, "digit-gan", "digits", "INT64",
+                           np.array([7, 7], dtype=np.int64), ("images",),
+                           parameters={"seed": 9})  # fmt: skip
+    assert images == expected.as_numpy("images").tobytes()
+
+
+GRPC_MALFORMED = {
+    # name: (model, input name, datatype, data, expected status, words in the message)
+    "wrong datatype": ("mnist-cnn", "images", "FP64", np.zeros((1, 1, 28, 28)),
+                       "INVALID_ARGUMENT", "must be FP32"),
+    "wrong shape": ("mnist-cnn", "images", "FP32", np.zeros((1, 28, 28), np.float32),
+                    "INVALID_ARGUMENT", "has shape"),
+    "too many items": ("sst2-bilstm", "texts", "BYTES", np.array([b"x"] * 129, dtype=object),
+                       "INVALID_ARGUMENT", "more than the 128"),
+    "not an image": ("mnist-cnn", "image_files", "BYTES", np.array([b"hello"], dtype=object),
+                     "INVALID_ARGUMENT", "not a PNG"),
+    "an unknown model": ("resnet", "images", "FP32", np.zeros((1, 1, 28, 28), np.float32),
+                         "NOT_FOUND", "no such model"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", GRPC_MALFORMED)
+def test_malformed_grpc_requests_get_the_matching_status(server, triton_grpc, case):
+    from tritonclient.utils import InferenceServerException
+
+    model, name, datatype, data, status, words = GRPC_MALFORMED[case]
+    with pytest.raises(InferenceServerException) as raised:
+        _infer_grpc(triton_grpc, model, name, datatype, data, ())
+    assert raised.value.status() == f"StatusCode.{status}", raised.value
+    assert words in raised.value.message(), raised.value
+    assert triton_grpc.is_server_ready()
