@@ -9,11 +9,19 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PORT ?= 3000
 
+# Tools whose pins conflict with the service's, each in its own virtual environment,
+# rebuilt whenever its requirements file changes: the KServe SDK (deploy checks, v2
+# clients) and MLServer (a benchmark peer).
+KSERVE_VENV ?= .venv-kserve
+KSERVE_INSTALLED := $(KSERVE_VENV)/.installed
+MLSERVER_VENV ?= .venv-mlserver
+MLSERVER_INSTALLED := $(MLSERVER_VENV)/.installed
+
 CHROMIUM ?= /usr/bin/chromium
 CHROMEDRIVER ?= /usr/bin/chromedriver
 
 .PHONY: setup test browser serve register lint format bench bench-gpu bench-peers bench-soak clean \
-	container container-test
+	container container-test kserve-venv mlserver-venv
 
 setup: $(INSTALLED)
 
@@ -23,8 +31,25 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-test: $(INSTALLED) browser
-	$(BIN)/pytest
+# The tests that use the tool environments fail, rather than skip, when make names them.
+test: $(INSTALLED) $(KSERVE_INSTALLED) $(MLSERVER_INSTALLED) browser
+	KSERVE_VENV=$(KSERVE_VENV) MLSERVER_VENV=$(MLSERVER_VENV) $(BIN)/pytest
+
+kserve-venv: $(KSERVE_INSTALLED)
+
+$(KSERVE_INSTALLED): deploy/kserve-requirements.txt
+	$(PYTHON) -m venv --clear $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install --quiet --upgrade "pip>=24"
+	$(KSERVE_VENV)/bin/pip install --quiet -r $<
+	touch $@
+
+mlserver-venv: $(MLSERVER_INSTALLED)
+
+$(MLSERVER_INSTALLED): bench/peers/mlserver-requirements.txt
+	$(PYTHON) -m venv --clear $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/pip install --quiet --upgrade "pip>=24"
+	$(MLSERVER_VENV)/bin/pip install --quiet -r $<
+	touch $@
 
 # Debian's Chromium and its driver, for the web page's browser tests
 # (tests/test_ui_browser.py). Installing needs root; without it the browser
@@ -59,10 +84,11 @@ format: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/python -m bench.run --set cpu $(BENCH_ARGS)
 
-# The service against its peers (LitServe, BentoML's batchable API, bare Starlette) and
-# against itself before the lean request path, with the targets; bench-results/peers/.
-bench-peers: $(INSTALLED)
-	$(BIN)/python -m bench.run --set peers $(BENCH_ARGS)
+# The service against its peers (LitServe, MLServer, BentoML's batchable API, bare
+# Starlette) and against itself before the lean request path, with the targets;
+# bench-results/peers/.
+bench-peers: $(INSTALLED) $(MLSERVER_INSTALLED)
+	MLSERVER_VENV=$(MLSERVER_VENV) $(BIN)/python -m bench.run --set peers $(BENCH_ARGS)
 
 # Memory under steady load: a mixed load, then each endpoint alone, 30 minutes each
 # (about 2 h 10 min); worker RSS against requests served, in bench-results/soak/.
@@ -89,4 +115,4 @@ container-test: $(INSTALLED)
 	CONTAINER_IMAGE=localhost/$(IMAGE):$(VARIANT) $(BIN)/pytest -m container -rP tests/test_container.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(KSERVE_VENV) $(MLSERVER_VENV) build *.egg-info .pytest_cache .ruff_cache
