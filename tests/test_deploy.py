@@ -7,11 +7,19 @@ the probes and ports against the image (deploy/container/Containerfile), the
 image names against what ``make container`` tags, the ``SERVING_*`` variables
 against the settings the service reads (service/settings.py), the grace period
 against the drain time, and the thread count against the CPU limit.
+
+The KServe InferenceService (deploy/kubernetes/kserve) is built into the KServe
+SDK's models by the SDK's own Python (``make kserve-venv``: its pins conflict with
+the service's), which must give back the same manifest, and checked like the rest.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import re
+import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +41,7 @@ from tests.manifests import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTAINER_DIR = REPO_ROOT / "deploy" / "container"
 OVERLAYS = {"cpu": KUBERNETES_DIR / "overlays" / "cpu", "gpu": KUBERNETES_DIR / "overlays" / "gpu"}
+KSERVE_DIR = KUBERNETES_DIR / "kserve"
 # The oldest Kubernetes release still maintained upstream, and the newest known here.
 KUBERNETES_VERSIONS = ("1.32.0", kubernetes_validate.utils.latest_version())
 PROBE_PATHS = {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/livez"}
@@ -119,7 +128,7 @@ def test_the_validation_catches_a_broken_manifest(overlay):
 
 
 def test_every_file_in_deploy_kubernetes_is_used_by_an_overlay():
-    used = set().union(*(referenced_files(path) for path in OVERLAYS.values()))
+    used = set().union(*(referenced_files(path) for path in [*OVERLAYS.values(), KSERVE_DIR]))
     on_disk = {path.resolve() for path in KUBERNETES_DIR.rglob("*") if path.is_file()}
     assert on_disk == used
 
@@ -255,3 +264,181 @@ def test_the_cpu_bentofile_differs_from_the_standard_one_only_in_its_packages():
     assert pins["cpu"].pop("onnxruntime") == pins["standard"].pop("onnxruntime-gpu")
     pins["standard"].pop("torch")
     assert pins["cpu"] == pins["standard"]
+
+
+# Run by the KServe SDK's Python: a JSON list of manifests on stdin → for each, the SDK's
+# V1beta1InferenceService built from it, field by field (a wrong type or a field the
+# model does not have is an error), what it holds, and the manifest it stands for.
+KSERVE_SDK_READ = r"""
+import datetime, json, re, sys
+import kserve, kubernetes.client
+
+PRIMITIVES = {"str": str, "int": int, "float": (int, float), "bool": bool, "object": object,
+              "datetime": (str, datetime.datetime)}
+
+def build(data, kind, where):
+    if data is None:
+        return None
+    if match := re.fullmatch(r"(?:list|List)\[(.+)\]", kind):
+        if not isinstance(data, list):
+            raise TypeError(f"{where}: not a list")
+        return [build(item, match[1], f"{where}[{i}]") for i, item in enumerate(data)]
+    if match := re.fullmatch(r"dict\(str, (.+)\)|Dict\[str, (.+)\]", kind):
+        if not isinstance(data, dict):
+            raise TypeError(f"{where}: not a mapping")
+        return {k: build(v, match[1] or match[2], f"{where}.{k}") for k, v in data.items()}
+    if kind in PRIMITIVES:
+        if not isinstance(data, PRIMITIVES[kind]) or (
+                isinstance(data, bool) and kind not in ("bool", "object")):
+            raise TypeError(f"{where}: {data!r} is not {kind}")
+        return data
+    # The SDK's own models, and the Kubernetes client's that they name (V1Container, ...).
+    model = getattr(kserve.models, kind, None) or getattr(kubernetes.client, kind)
+    if not isinstance(data, dict):
+        raise TypeError(f"{where}: not a {kind}")
+    unknown = set(data) - set(model.attribute_map.values())
+    if unknown:
+        raise ValueError(f"{where}: {kind} has no field {', '.join(sorted(unknown))}")
+    return model(**{attribute: build(data[key], model.openapi_types[attribute], f"{where}.{key}")
+                    for attribute, key in model.attribute_map.items() if key in data})
+
+def plain(value):
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if hasattr(type(value), "attribute_map"):
+        return {key: plain(getattr(value, attribute))
+                for attribute, key in value.attribute_map.items()
+                if getattr(value, attribute) is not None}
+    return value
+
+results = []
+for manifest in json.load(sys.stdin):
+    try:
+        service = build(manifest, "V1beta1InferenceService", manifest.get("kind"))
+    except (TypeError, ValueError) as error:
+        results.append({"error": f"{type(error).__name__}: {error}"})
+        continue
+    predictor = service.spec.predictor
+    container = predictor.containers[0]
+    results.append({
+        "types": [type(o).__name__ for o in (service, predictor, container, container.ports[0])],
+        "image": container.image,
+        "ports": [[p.name, p.container_port, p.protocol] for p in container.ports],
+        "protocol": {variable.name: variable.value for variable in container.env}.get("PROTOCOL"),
+        "readiness": container.readiness_probe.http_get.path,
+        "liveness": container.liveness_probe.http_get.path,
+        "manifest": plain(service),
+    })
+json.dump(results, sys.stdout)
+"""
+
+
+def tool_python(variable: str, default: str, make_target: str) -> Path:
+    """The Python of a tool's own environment. ``make test`` names the environment in
+    ``variable``, and then it must be there; elsewhere a missing one skips the test."""
+    named = os.environ.get(variable)
+    python = REPO_ROOT / (named or default) / "bin" / "python"
+    if not python.exists():
+        if named:
+            pytest.fail(f"{variable}={named} has no bin/python: `make {make_target}` makes it")
+        pytest.skip(f"{default} is missing: `make {make_target}` makes it (make test does)")
+    return python
+
+
+def read_with_the_kserve_sdk(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    python = tool_python("KSERVE_VENV", ".venv-kserve", "kserve-venv")
+    done = subprocess.run(
+        [str(python), "-c", KSERVE_SDK_READ],
+        input=json.dumps(manifests),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def kserve_resources() -> list[dict[str, Any]]:
+    return render(KSERVE_DIR)
+
+
+def inference_service(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    return find(resources, "InferenceService", "digit-sentiment-serving")
+
+
+def predictor_container(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    (container,) = inference_service(resources)["spec"]["predictor"]["containers"]
+    return container
+
+
+def made_image() -> str:
+    """The image ``make container VARIANT=cpu`` tags (deploy/container/build.sh)."""
+    env_sh = (CONTAINER_DIR / "env.sh").read_text()
+    image = re.search(r"^IMAGE=\$\{IMAGE:-([^}]+)\}", env_sh, flags=re.MULTILINE).group(1)
+    assert '-t "localhost/$IMAGE:$variant"' in (CONTAINER_DIR / "build.sh").read_text()
+    return f"localhost/{image}:cpu"
+
+
+def test_the_kserve_sdk_reads_the_inference_service(kserve_resources):
+    manifest = inference_service(kserve_resources)
+    # protocolVersion is no field of a custom predictor: the SDK has no place for it.
+    misplaced = copy.deepcopy(manifest)
+    misplaced["spec"]["predictor"]["protocolVersion"] = "v2"
+    mistyped = copy.deepcopy(manifest)
+    mistyped["spec"]["predictor"]["containers"][0]["ports"][0]["containerPort"] = "3000"
+    read, misplaced, mistyped = read_with_the_kserve_sdk([manifest, misplaced, mistyped])
+    assert "error" not in read, read
+    # Everything in the manifest has its place in the SDK's models, with its type.
+    assert read.pop("manifest") == manifest
+    assert read == {
+        "types": ["V1beta1InferenceService", "V1beta1PredictorSpec", "V1Container",
+                  "V1ContainerPort"],
+        "image": made_image(),
+        "ports": [["http1", int(containerfile_instruction("EXPOSE")), "TCP"]],
+        "protocol": "v2",
+        "readiness": "/v2/health/ready",
+        "liveness": "/v2/health/live",
+    }  # fmt: skip
+    assert "V1beta1PredictorSpec has no field protocolVersion" in misplaced["error"]
+    assert "'3000' is not int" in mistyped["error"]
+
+
+def test_the_kserve_predictor_and_its_settings_validate_as_kubernetes_objects(kserve_resources):
+    predictor = inference_service(kserve_resources)["spec"]["predictor"]
+    # A custom predictor is a pod spec with KServe's fields beside it.
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "predictor"},
+        "spec": {"containers": predictor["containers"]},
+    }
+    [settings] = [r for r in kserve_resources if r["kind"] == "ConfigMap"]
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(pod, version, strict=True)
+        kubernetes_validate.validate(settings, version, strict=True)
+
+
+def test_the_kserve_predictor_serves_as_the_cpu_overlay_does(kserve_resources):
+    container = predictor_container(kserve_resources)
+    cpu = render(OVERLAYS["cpu"])
+    (source,) = container["envFrom"]
+    env = find(kserve_resources, "ConfigMap", source["configMapRef"]["name"])["data"]
+    assert env == settings_env(cpu)
+    recording = RecordingEnv(env)
+    settings = Settings.from_env(recording)
+    assert set(env) <= recording.read and settings.device == "cpu"
+    assert container["resources"] == serving_container(cpu)["resources"]
+    assert settings.threads * settings.workers <= cpu_cores(container["resources"]["limits"]["cpu"])
+    # Knative allows one port, named for its protocol; every probe asks that port.
+    (port,) = container["ports"]
+    assert port["containerPort"] == int(containerfile_instruction("EXPOSE"))
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == port["name"] == "http1"
+    annotations = inference_service(kserve_resources)["metadata"]["annotations"]
+    assert annotations["prometheus.kserve.io/port"] == str(port["containerPort"])
+    assert annotations["prometheus.kserve.io/path"] == "/metrics"
+    user = containerfile_instruction("USER").split(":")[0]
+    assert container["securityContext"]["runAsUser"] == int(user)
