@@ -41,7 +41,7 @@ from service.heap_snapshots import HeapSnapshots
 from service.http import IN_FLIGHT, Headers, InFlight, Reply
 from service.inference import TimedPredictor
 from service.memory import return_freed_memory_promptly
-from service.metrics import endpoint_metrics
+from service.metrics import RequestCounts, endpoint_metrics
 from service.model_store import load_stored_artifact
 from service.routes import Route, RouteTable
 from service.settings import (
@@ -109,6 +109,7 @@ class ServingApp:
         if any(placement(settings, key, self.device).backend == "torch" for key in specs):
             use_torch_threads(settings.threads_per_model())
         metrics = endpoint_metrics(specs)
+        self.requests = RequestCounts()
         artifacts = {key: load_stored_artifact(model.path) for key, model in stored.items()}
         self.tasks: dict[str, Task] = {}
         for key, spec in specs.items():
@@ -156,7 +157,9 @@ class ServingApp:
         if not batcher.is_full:
             return None
         busy = ServiceBusy(f"the server is busy ({batcher.name}: the queue is full); retry shortly")
-        return _error_reply(route, busy)
+        reply = _error_reply(route, busy)
+        self.requests.count(route.protocol, route.endpoint, reply.status)
+        return reply
 
     async def handle(
         self, path: str, media_type: str, content_type: str, body: bytes, headers: Headers
@@ -166,9 +169,11 @@ class ServingApp:
         target = self if route.endpoint is None else self.tasks[route.endpoint]
         try:
             request = route.decode(media_type, content_type, body, headers)
-            return await route.answer(target, request)
+            reply = await route.answer(target, request)
         except (RequestError, ServiceBusy, V2Error) as error:
-            return _error_reply(route, error)
+            reply = _error_reply(route, error)
+        self.requests.count(route.protocol, route.endpoint, reply.status)
+        return reply
 
     def _log_summary(self, stored: Mapping[str, StoredModel], artifacts: Mapping[str, Artifact]):
         """One start-up summary a production user can check the deployment against."""

@@ -141,7 +141,7 @@ def build_service(settings: Settings) -> bentoml.Service:
 
                 tasks = {task.spec.name: task for task in self.app.tasks.values()}
                 limit = settings.limits.max_body_bytes
-                self.grpc = GrpcServer(tasks, settings.grpc_port, limit)
+                self.grpc = GrpcServer(tasks, self.app.requests, settings.grpc_port, limit)
                 await self.grpc.start()
 
         @bentoml.on_shutdown

@@ -1,6 +1,10 @@
 """The service's own Prometheus metrics, next to BentoML's on ``/metrics``.
 
 * ``serving_batch_size{endpoint}``: items (images, texts, latent vectors) per model call;
+* ``serving_requests_total{protocol, endpoint, code}``: every API request the
+  service answered, by the protocol it came in by (``native`` REST, ``v2`` REST,
+  ``v2-grpc``), the model it was for (``server`` for the protocol's own routes) and
+  the HTTP status or gRPC code of its answer;
 * ``serving_model_seconds{endpoint}``: wall time inside the model call itself (the
   predictor, without preprocessing or decoding), per model call. Its ``_sum``
   against the server's CPU time tells how much of a request's cost is the model
@@ -69,7 +73,29 @@ def _families() -> tuple[Any, Any]:
             ["endpoint"],
             buckets=MODEL_SECONDS_BUCKETS,
         )
+        _FAMILIES["requests"] = prometheus_client.Counter(
+            "serving_requests",
+            "API requests answered, by protocol, model and status (HTTP) or code (gRPC)",
+            ["protocol", "endpoint", "code"],
+        )
     return _FAMILIES["batch_size"], _FAMILIES["model_seconds"]
+
+
+class RequestCounts:
+    """``serving_requests_total``, with each (protocol, endpoint, code) child looked up
+    once: counting a request is one increment."""
+
+    def __init__(self) -> None:
+        _families()
+        self._family = _FAMILIES["requests"]
+        self._children: dict[tuple[str, str, str], Any] = {}
+
+    def count(self, protocol: str, endpoint: str | None, code: int | str) -> None:
+        key = (protocol, endpoint or "server", str(code))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._family.labels(*key)
+        child.inc()
 
 
 def use_instance_folder() -> Path | None:

@@ -25,6 +25,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from service import v2
 from service.errors import RequestError, ServiceBusy
+from service.metrics import RequestCounts
 from service.tasks import Task
 from service.v2_routes import EXTENSIONS, SERVER_NAME
 
@@ -38,14 +39,16 @@ CONTENTS = {
     "FP32": "fp32_contents", "FP64": "fp64_contents", v2.BYTES: "bytes_contents",
 }  # fmt: skip
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND}
+PROTOCOL = "v2-grpc"  # its label in serving_requests_total
 
 
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     """The v2 gRPC service over one worker's tasks (model name → task); the methods
     carry the protocol's names."""
 
-    def __init__(self, tasks: Mapping[str, Task]) -> None:
+    def __init__(self, tasks: Mapping[str, Task], requests: RequestCounts) -> None:
         self.tasks = dict(tasks)
+        self.requests = requests
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -75,6 +78,16 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         task = await self._task(request.model_name, request.model_version, context)
+        code = "OK"
+        try:
+            return await self._infer(task, request, context)
+        except grpc.aio.AbortError:
+            code = context.code().name if context.code() else "UNKNOWN"
+            raise
+        finally:
+            self.requests.count(PROTOCOL, task.spec.endpoint, code)
+
+    async def _infer(self, task: Task, request: Any, context: Any) -> Any:
         try:
             infer_request = _infer_request(request)
             known = {spec.name for spec in task.v2_outputs()}
@@ -166,7 +179,9 @@ class GrpcServer:
     """The gRPC server of one worker: started on its event loop once its models are
     loaded, stopped when the HTTP server stops."""
 
-    def __init__(self, tasks: Mapping[str, Task], port: int, max_message_bytes: int) -> None:
+    def __init__(
+        self, tasks: Mapping[str, Task], requests: RequestCounts, port: int, max_message_bytes: int
+    ) -> None:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -175,7 +190,7 @@ class GrpcServer:
         ]
         self.server = grpc.aio.server(options=options)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(tasks), self.server
+            InferenceService(tasks, requests), self.server
         )
         self.port = self.server.add_insecure_port(f"0.0.0.0:{port}")
         if self.port == 0:

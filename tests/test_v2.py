@@ -393,3 +393,24 @@ def test_malformed_grpc_requests_get_the_matching_status(server, triton_grpc, ca
     assert raised.value.status() == f"StatusCode.{status}", raised.value
     assert words in raised.value.message(), raised.value
     assert triton_grpc.is_server_ready()
+
+
+def test_requests_are_counted_by_protocol(server, triton, triton_grpc):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _infer(triton, "sst2-bilstm", "texts", "BYTES", np.array([b"Good."], dtype=object), True, ())
+    _infer_grpc(triton_grpc, "sst2-bilstm", "texts", "BYTES", np.array([b"Bad."], dtype=object), ())
+    server.post_json("/sentiment", {"text": "Fine."})
+    counts = {}
+    for family in text_string_to_metric_families(server.request("/metrics")[2].decode()):
+        if family.name == "serving_requests":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    labels = sample.labels
+                    key = (labels["protocol"], labels["endpoint"], labels["code"])
+                    counts[key] = counts.get(key, 0) + sample.value
+    assert counts[("v2", "sentiment", "200")] >= 1
+    assert counts[("v2-grpc", "sentiment", "OK")] >= 1
+    assert counts[("native", "sentiment", "200")] >= 1
+    assert counts[("v2-grpc", "classify", "INVALID_ARGUMENT")] >= 1  # the malformed cases
+    assert counts[("v2", "server", "200")] >= 1  # /v2, health
