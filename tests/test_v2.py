@@ -17,6 +17,8 @@ import base64
 import io
 import json
 import struct
+import subprocess
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -26,6 +28,7 @@ from PIL import Image
 from service.v2_routes import SCHEMAS
 from tests.conftest import free_port
 from tests.service_payloads import encode
+from tests.tool_envs import tool_python
 
 CHUNK = 100  # items per request, within the default limit of 128
 GRPC_PORT = free_port()
@@ -414,3 +417,28 @@ def test_requests_are_counted_by_protocol(server, triton, triton_grpc):
     assert counts[("native", "sentiment", "200")] >= 1
     assert counts[("v2-grpc", "classify", "INVALID_ARGUMENT")] >= 1  # the malformed cases
     assert counts[("v2", "server", "200")] >= 1  # /v2, health
+
+
+# --- KServe's SDK --------------------------------------------------------------------------
+
+
+def test_kserve_rest_and_grpc_clients_get_the_same_answers(server, triton):
+    """KServe's ``InferenceRESTClient`` (protocol v2) and ``InferenceGRPCClient``, in their
+    own environment, one request per model (tests/clients/kserve_calls.py)."""
+    python = tool_python("KSERVE_VENV", ".venv-kserve", "kserve-venv")
+    script = Path(__file__).with_name("clients") / "kserve_calls.py"
+    done = subprocess.run([str(python), str(script), server.url, f"127.0.0.1:{GRPC_PORT}"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = json.loads(done.stdout)
+    for protocol in ("rest", "grpc"):
+        classified = answers[protocol]["mnist-cnn"]
+        assert classified["model_name"] == "mnist-cnn" and classified["id"] == "k1"
+        assert classified["outputs"]["digit"] == [1]
+        assert answers[protocol]["sst2-bilstm"]["outputs"]["label"] == ["positive", "negative"]
+        expected = _infer(triton, "digit-gan", "digits", "INT64",
+                          np.array([4, 2], dtype=np.int64), True, ("images",),
+                          parameters={"seed": 11}).as_numpy("images")  # fmt: skip
+        generated = np.array(answers[protocol]["digit-gan"]["outputs"]["images"], dtype=np.uint8)
+        assert np.array_equal(generated.reshape(expected.shape), expected)
+    assert answers["rest"]["sst2-bilstm"] == answers["grpc"]["sst2-bilstm"] | {"id": "k2"}
