@@ -37,6 +37,8 @@ from bench.payloads import Request, Workload, build_workloads
 # Time allowed for client processes to start and connect before giving up.
 START_TIMEOUT_S = 120.0
 PERCENTILES = (50, 95, 99)
+# The status recorded for a 2xx answer that its request's check rejects.
+BAD_ANSWER = "bad-answer"
 
 
 @dataclass
@@ -126,10 +128,16 @@ async def _drive(
                         request.method,
                         request.path,
                         data=request.body,
-                        headers={"Content-Type": request.content_type},
+                        headers={"Content-Type": request.content_type, **dict(request.headers)},
                     ) as response:
-                        await response.read()
+                        body = await response.read()
                         status = str(response.status)
+                        if (
+                            request.check is not None
+                            and status.startswith("2")
+                            and not request.check(response.headers, body)
+                        ):
+                            status = BAD_ANSWER
                 except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
                     status = _status_key(exc)
                 done = time.monotonic()

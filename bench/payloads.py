@@ -5,7 +5,11 @@
 * sentiment: SST-2 *test* sentences as JSON;
 * generate: JSON requests for ``n`` digits returned as one PNG grid;
 * mixed: the three endpoints in turn (classify, sentiment, generate n=4), the
-  steady traffic of a soak (``bench.soak``).
+  steady traffic of a soak (``bench.soak``);
+* v2-binary: MNIST *test* digits, preprocessed as the service does, as Open Inference
+  Protocol (KServe v2) requests with the binary tensor extension, as tritonclient sends
+  them: one ``1×1×28×28`` FP32 ``images`` tensor in, ``probabilities`` asked for as
+  binary data.
 
 Every body is encoded to bytes here, so a load generator only copies bytes to
 a socket; encoding a multipart form per request would cost the client more
@@ -20,7 +24,7 @@ import argparse
 import io
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from bench.multipart import file_parts, multipart_body
+from models.preprocessing import digit_pixels_from_images, normalize_digits
 from training.sources import MNIST_TEST_IMAGES, default_data_dir, read_sst2_rows
 
 # The request formats of the service's endpoints (see service/service.py).
@@ -37,6 +42,17 @@ CLASSIFY_BATCH_PATH = "/classify_batch"
 CLASSIFY_BATCH_FILE_FIELD = "images"
 SENTIMENT_PATH = "/sentiment"
 GENERATE_PATH = "/generate"
+# The classifier as a v2 model (Open Inference Protocol over REST, binary tensor extension).
+V2_MODEL = "mnist-cnn"
+V2_INFER_PATH = f"/v2/models/{V2_MODEL}/infer"
+V2_INPUT = "images"
+V2_OUTPUT = "probabilities"
+INFERENCE_HEADER = "Inference-Header-Content-Length"
+# v2 datatypes → little-endian NumPy types.
+V2_DATATYPES = {
+    name: np.dtype(code)
+    for name, code in {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4"}.items()
+}
 
 IDX_IMAGES_MAGIC = 2051
 
@@ -51,13 +67,19 @@ MIXED_GENERATE_N = 4
 
 @dataclass(frozen=True)
 class Request:
-    """One ready-to-send HTTP request; ``items`` counts the model inputs it carries."""
+    """One ready-to-send HTTP request; ``items`` counts the model inputs it carries.
+
+    ``headers`` are sent besides Content-Type. ``check(headers, body)``, when given,
+    judges a 2xx answer: one it rejects counts as an error (``bad-answer``).
+    """
 
     method: str
     path: str
     body: bytes
     content_type: str
     items: int = 1
+    headers: tuple[tuple[str, str], ...] = ()
+    check: Callable[[Mapping[str, str], bytes], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -151,17 +173,86 @@ def mixed_workload(parts: Sequence[Workload]) -> Workload:
     return Workload("mixed", "mixed", requests)
 
 
+def v2_binary_request(rows: np.ndarray) -> Request:
+    """``N×1×28×28`` normalised digits → a v2 inference request with the binary tensor
+    extension: the JSON header, then the rows' raw little-endian FP32 bytes."""
+    data = np.ascontiguousarray(rows, dtype="<f4").tobytes()
+    header = {
+        "inputs": [
+            {
+                "name": V2_INPUT,
+                "shape": list(rows.shape),
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": len(data)},
+            }
+        ],
+        "outputs": [{"name": V2_OUTPUT, "parameters": {"binary_data": True}}],
+    }
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    return Request(
+        "POST",
+        V2_INFER_PATH,
+        encoded + data,
+        "application/octet-stream",
+        items=len(rows),
+        headers=((INFERENCE_HEADER, str(len(encoded))),),
+        check=is_v2_classification,
+    )
+
+
+def parse_v2_answer(headers: Mapping[str, str], body: bytes) -> dict[str, np.ndarray]:
+    """A v2 inference answer (JSON, or JSON then binary tensors) → its outputs by name.
+
+    Raises ``ValueError`` (or ``KeyError``, ``TypeError``) on anything else.
+    """
+    lengths = [value for name, value in headers.items() if name.lower() == INFERENCE_HEADER.lower()]
+    json_length = int(lengths[0]) if lengths else len(body)
+    answer = json.loads(body[:json_length])
+    offset = json_length
+    outputs = {}
+    for output in answer["outputs"]:
+        dtype = V2_DATATYPES[output["datatype"]]
+        shape = [int(side) for side in output["shape"]]
+        size = (output.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            values = np.asarray(output["data"], dtype=dtype)
+        else:
+            values = np.frombuffer(body, dtype, size // dtype.itemsize, offset)
+            offset += size
+        outputs[output["name"]] = values.reshape(shape)
+    if offset != len(body):
+        raise ValueError(f"{len(body) - offset} bytes after the last binary output")
+    return outputs
+
+
+def is_v2_classification(headers: Mapping[str, str], body: bytes) -> bool:
+    """Whether ``body`` is a v2 answer with the digits' ``probabilities`` (N×10)."""
+    try:
+        probabilities = parse_v2_answer(headers, body)[V2_OUTPUT]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return probabilities.ndim == 2 and probabilities.shape[1] == 10
+
+
+def v2_binary_workload(digits: np.ndarray) -> Workload:
+    """One request per MNIST digit, preprocessed as the service's ``/classify`` does."""
+    images = [Image.fromarray(pixels, mode="L") for pixels in digits]
+    rows = normalize_digits(digit_pixels_from_images(images))[:, np.newaxis]
+    requests = tuple(v2_binary_request(rows[i : i + 1]) for i in range(len(rows)))
+    return Workload("v2-binary", V2_INFER_PATH, requests)
+
+
 def check_workload_name(name: str) -> str:
     """Return ``name`` if ``build_workloads`` knows it, else raise ``ValueError``."""
     for prefix in ("classify-", "generate-"):
         suffix = name.removeprefix(prefix)
         if suffix != name and ((suffix.isdigit() and int(suffix) > 0) or name == "generate-mixed"):
             return name
-    if name in ("classify", "sentiment", "mixed"):
+    if name in ("classify", "sentiment", "mixed", "v2-binary"):
         return name
     raise ValueError(
         f"unknown workload {name!r}; known: classify, classify-<k>, sentiment, "
-        "generate-<n>, generate-mixed, mixed"
+        "generate-<n>, generate-mixed, mixed, v2-binary"
     )
 
 
@@ -175,7 +266,8 @@ def build_workloads(
 
     Names: ``classify``, ``classify-<k>`` (one request carrying ``k`` digits),
     ``sentiment``, ``generate-<n>`` (fixed ``n``), ``generate-mixed``
-    (``n`` from 1 to 16) and ``mixed`` (classify, sentiment and generate-4 in turn).
+    (``n`` from 1 to 16), ``mixed`` (classify, sentiment and generate-4 in turn) and
+    ``v2-binary`` (one digit per v2 inference request, binary tensors).
     """
     data_dir = data_dir or default_data_dir()
     wanted = list(names) if names else ["classify", "sentiment", "generate-16", "generate-mixed"]
@@ -196,6 +288,8 @@ def build_workloads(
             else:
                 per_request = int(name.removeprefix("classify-"))
                 workloads[name] = classify_batch_workload(pngs, per_request, pool=8)
+        elif name == "v2-binary":
+            workloads[name] = v2_binary_workload(read_mnist_test_digits(data_dir, pool_size))
         elif name == "sentiment":
             sentences = read_sst2_test_sentences(data_dir)
             workloads[name] = sentiment_workload(sentences[:pool_size])

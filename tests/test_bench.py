@@ -20,7 +20,7 @@ from PIL import Image
 
 from bench import payloads, profiling
 from bench.config import Target, load_comparison_set
-from bench.loadgen import run_closed_loop, split_concurrency
+from bench.loadgen import BAD_ANSWER, run_closed_loop, split_concurrency
 from bench.multipart import file_parts, multipart_body
 from bench.payloads import Request, Workload
 from bench.report import evaluate_targets, machine_info, write_report
@@ -48,7 +48,8 @@ class TinyServer:
     """An aiohttp app on an ephemeral port in a background thread.
 
     ``/ok`` answers after a short delay; ``/flaky`` answers 503 to every third
-    request; ``/metrics`` serves a batch-size histogram.
+    request; ``/metrics`` serves a batch-size histogram; the v2 infer path answers a
+    binary-extension request with uniform probabilities, as binary data.
     """
 
     def __init__(self) -> None:
@@ -76,6 +77,23 @@ class TinyServer:
     async def metrics(self, _request: web.Request) -> web.Response:
         return web.Response(text=METRICS.format(count=10.0, total=40.0))
 
+    async def infer(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        json_length = int(request.headers[payloads.INFERENCE_HEADER])
+        [tensor] = json.loads(body[:json_length])["inputs"]
+        rows = tensor["shape"][0]
+        if len(body) - json_length != tensor["parameters"]["binary_data_size"]:
+            return web.Response(status=400, text="size")
+        data = np.full((rows, 10), 0.1, dtype="<f4").tobytes()
+        output = {"name": "probabilities", "datatype": "FP32", "shape": [rows, 10],
+                  "parameters": {"binary_data_size": len(data)}}  # fmt: skip
+        header = json.dumps({"model_name": "mnist-cnn", "outputs": [output]}).encode()
+        return web.Response(
+            body=header + data,
+            headers={payloads.INFERENCE_HEADER: str(len(header))},
+            content_type="application/octet-stream",
+        )
+
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
         app = web.Application()
@@ -84,6 +102,7 @@ class TinyServer:
                 web.post("/ok", self.ok),
                 web.post("/flaky", self.flaky),
                 web.get("/metrics", self.metrics),
+                web.post(payloads.V2_INFER_PATH, self.infer),
             ]
         )
         self.runner = web.AppRunner(app, access_log=None)
@@ -443,3 +462,80 @@ def test_a_short_soak_against_the_real_service(model_store, tmp_path):
     redrawn = tmp_path / "redrawn"
     assert soak.main(["--replot", str(tmp_path / "soak.json"), "--output-dir", str(redrawn)]) == 0
     assert (redrawn / "rss_vs_requests.png").is_file()
+
+
+def v2_answer(outputs: dict[str, np.ndarray], binary: set[str]) -> tuple[dict[str, str], bytes]:
+    """A v2 inference answer: the ``binary`` outputs as raw bytes after the JSON."""
+    entries, tensors = [], []
+    for name, values in outputs.items():
+        datatype = {"float32": "FP32", "int64": "INT64"}[values.dtype.name]
+        entry = {"name": name, "datatype": datatype, "shape": list(values.shape)}
+        if name in binary:
+            tensors.append(values.astype(values.dtype.newbyteorder("<")).tobytes())
+            entry["parameters"] = {"binary_data_size": len(tensors[-1])}
+        else:
+            entry["data"] = values.ravel().tolist()
+        entries.append(entry)
+    header = json.dumps({"model_name": "mnist-cnn", "outputs": entries}).encode()
+    headers = {"inference-header-content-length": str(len(header))} if binary else {}
+    return headers, header + b"".join(tensors)
+
+
+def test_v2_answers_are_read_from_json_and_binary_tensors():
+    probabilities = np.random.default_rng(0).dirichlet(np.ones(10), 3).astype(np.float32)
+    outputs = {"probabilities": probabilities, "digit": probabilities.argmax(axis=1)}
+    for binary in ({"probabilities"}, {"probabilities", "digit"}, set()):
+        headers, body = v2_answer(outputs, binary)
+        read = payloads.parse_v2_answer(headers, body)
+        assert np.array_equal(read["probabilities"], probabilities)
+        assert read["digit"].tolist() == outputs["digit"].tolist()
+        assert payloads.is_v2_classification(headers, body)
+    headers, body = v2_answer(outputs, {"probabilities"})
+    assert not payloads.is_v2_classification(headers, body[:-4])  # a tensor cut short
+    assert not payloads.is_v2_classification(headers, body + b"\0")  # bytes after the last
+    assert not payloads.is_v2_classification({}, b'{"error": "unknown model"}')
+    assert not payloads.is_v2_classification({}, b"Not Found")
+    _, body = v2_answer({"probabilities": probabilities[:, :9]}, set())
+    assert not payloads.is_v2_classification({}, body)  # not ten digits
+
+
+@needs_data
+def test_the_v2_binary_workload_sends_real_digits_as_tritonclient_does():
+    from service.inference import DigitClassification
+
+    [workload] = payloads.build_workloads(DATA_DIR, ["v2-binary"], pool_size=8).values()
+    assert workload.endpoint == "/v2/models/mnist-cnn/infer" and len(workload.requests) == 8
+    digits = payloads.read_mnist_test_digits(DATA_DIR, 8)
+    # The service's /classify preprocessing: MNIST style, normalised, one channel.
+    rows = DigitClassification.prepare_images([Image.fromarray(d) for d in digits])
+    for request, row in zip(workload.requests, rows, strict=True):
+        assert (request.method, request.path, request.items) == ("POST", workload.endpoint, 1)
+        assert request.content_type == "application/octet-stream"
+        [(name, length)] = request.headers
+        assert name == "Inference-Header-Content-Length"
+        header, data = request.body[: int(length)], request.body[int(length) :]
+        assert json.loads(header) == {
+            "inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                        "parameters": {"binary_data_size": 3136}}],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }  # fmt: skip
+        assert np.array_equal(np.frombuffer(data, "<f4").reshape(1, 28, 28), row)
+        assert request.check is payloads.is_v2_classification
+    # White ink on black, as MNIST: the background is the normalised zero.
+    assert rows[:, :, 0, 0] == pytest.approx((0 - 0.1307) / 0.3081)
+
+
+def test_closed_loop_sends_request_headers_and_rejects_answers_its_check_refuses(server):
+    request = payloads.v2_binary_request(np.zeros((2, 1, 28, 28), dtype=np.float32))
+    workload = Workload("v2-binary", request.path, (request,))
+    result = run_closed_loop(server.url, workload, 2, 0.4, warmup_s=0.1, processes=1)
+    # Without its header the tiny server could not split the body: every answer is 200.
+    assert result.errors == 0 and result.ok > 0 and set(result.statuses) == {"200"}
+    assert result.items_per_s == pytest.approx(2 * result.requests_per_s)
+    # A 200 whose body is no v2 answer is an error.
+    plain = _workload("/ok").requests[0]
+    checked = Request(plain.method, "/ok", plain.body, plain.content_type,
+                      check=payloads.is_v2_classification)  # fmt: skip
+    result = run_closed_loop(server.url, Workload("ok", "/ok", (checked,)), 2, 0.3,
+                             warmup_s=0.1, processes=1)  # fmt: skip
+    assert result.ok == 0 and result.statuses == {BAD_ANSWER: result.requests}
