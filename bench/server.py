@@ -31,6 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# MLServer's own environment (make mlserver-venv): its pins conflict with the service's.
+MLSERVER_VENV = REPO_ROOT / os.environ.get("MLSERVER_VENV", ".venv-mlserver")
 DEFAULT_SERVICE = "service.service:ServingService"
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 20.0
@@ -117,13 +119,16 @@ SERVER_COMMANDS = {
     "bentoml-peer": ["-m", "bentoml", "serve", "bench.peers.bentoml_peer:BatchableClassifier",
                      "--host", "127.0.0.1", "--port", "{port}"],
     "litserve-peer": ["-m", "bench.peers.litserve_peer", "--port", "{port}"],
+    "mlserver-peer": ["-m", "bench.peers.mlserver_peer", "--port", "{port}"],
     "minimal-batched-peer": ["-m", "uvicorn", "bench.peers.minimal_batched:app",
                              "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning",
                              "--no-access-log"],
     "starlette-ceiling": ["-m", "uvicorn", "bench.ceiling:app", "--host", "127.0.0.1",
                           "--port", "{port}", "--log-level", "warning", "--no-access-log"],
 }  # fmt: skip
-READY_PATHS = {"litserve-peer": "/health"}
+READY_PATHS = {"litserve-peer": "/health", "mlserver-peer": "/v2/health/ready"}
+# Servers run by another environment's Python than the benchmark's.
+SERVER_PYTHONS = {"mlserver-peer": MLSERVER_VENV / "bin" / "python"}
 SERVER_KINDS = tuple(SERVER_COMMANDS)
 
 
@@ -185,6 +190,9 @@ class ServiceProcess:
         return Path(self._worktree.name)
 
     def start(self) -> None:
+        python = SERVER_PYTHONS.get(self.kind, Path(sys.executable))
+        if not python.exists():
+            raise FileNotFoundError(f"{python} is missing: make mlserver-venv makes it")
         self._store = tempfile.TemporaryDirectory(prefix="bench-bentoml-")
         env = self._environment(self._store.name)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +201,7 @@ class ServiceProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
         if self.kind == "service":
             register_models(env, self._log_file, cwd=tree)
-        command = [sys.executable] + [
+        command = [str(python)] + [
             part.format(service=self.service, port=self.port) for part in SERVER_COMMANDS[self.kind]
         ]
         log.info("starting %s on port %d", " ".join(command[1:]), self.port)

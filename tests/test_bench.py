@@ -5,11 +5,15 @@ locustfile."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from bench.loadgen import BAD_ANSWER, run_closed_loop, split_concurrency
 from bench.multipart import file_parts, multipart_body
 from bench.payloads import Request, Workload
 from bench.report import evaluate_targets, machine_info, write_report
-from bench.server import batch_stats
+from bench.server import SERVER_PYTHONS, ServiceProcess, batch_stats
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = payloads.default_data_dir()
@@ -539,3 +543,127 @@ def test_closed_loop_sends_request_headers_and_rejects_answers_its_check_refuses
     result = run_closed_loop(server.url, Workload("ok", "/ok", (checked,)), 2, 0.3,
                              warmup_s=0.1, processes=1)  # fmt: skip
     assert result.ok == 0 and result.statuses == {BAD_ANSWER: result.requests}
+
+
+def mlserver_python() -> Path:
+    """MLServer's environment: ``make test`` names it, and then it must be there."""
+    named = os.environ.get("MLSERVER_VENV")
+    if not SERVER_PYTHONS["mlserver-peer"].exists():
+        if named:
+            pytest.fail(f"MLSERVER_VENV={named} has no bin/python: `make mlserver-venv`")
+        pytest.skip(".venv-mlserver is missing: `make mlserver-venv` makes it (make test does)")
+    return SERVER_PYTHONS["mlserver-peer"]
+
+
+def post(url: str, request: Request, timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+    sent = urllib.request.Request(
+        url + request.path,
+        data=request.body,
+        headers={"Content-Type": request.content_type, **dict(request.headers)},
+        method=request.method,
+    )
+    try:
+        with urllib.request.urlopen(sent, timeout=timeout) as answer:
+            return answer.status, dict(answer.headers), answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+@needs_data
+def test_the_mlserver_peer_answers_v2_binary_as_onnx_runtime_does(tmp_path):
+    """MLServer in its own environment, started as the benchmark starts it, answers the
+    v2-binary workload (64 clients at once, so in shared batches) with ONNX Runtime's
+    probabilities; its binary-tensor front also gives JSON outputs and refuses bad bodies."""
+    import onnxruntime as ort
+
+    mlserver_python()
+    [workload] = payloads.build_workloads(DATA_DIR, ["v2-binary"], pool_size=64).values()
+    rows = np.concatenate(
+        [np.frombuffer(r.body, "<f4", offset=len(r.body) - 3136) for r in workload.requests]
+    ).reshape(64, 1, 28, 28)
+    model = REPO_ROOT / "models" / "artifacts" / "mnist-cnn" / "model.onnx"
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"images": rows})[0]
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    env = {"PEER_MAX_BATCH_SIZE": "64", "PEER_MAX_LATENCY_MS": "2"}
+    with ServiceProcess(env, tmp_path / "mlserver.log", kind="mlserver-peer") as peer:
+        with concurrent.futures.ThreadPoolExecutor(64) as pool:
+            answers = list(pool.map(lambda r: post(peer.url, r), workload.requests))
+        for (status, headers, body), want in zip(answers, expected, strict=True):
+            assert status == 200, body
+            assert headers["content-type"] == "application/octet-stream"
+            assert payloads.is_v2_classification(headers, body)
+            got = payloads.parse_v2_answer(headers, body)["probabilities"]
+            np.testing.assert_allclose(got, want[np.newaxis], atol=1e-5)
+        # Two rows; digit as JSON beside the binary probabilities; then every output as
+        # JSON, the request's binary_data_output refused by the output's own flag.
+        pair = payloads.v2_binary_request(rows[:2])
+        header_length = int(pair.headers[0][1])
+        header = json.loads(pair.body[:header_length])
+        for outputs, parameters, binary in [
+            ([{"name": "probabilities", "parameters": {"binary_data": True}},
+              {"name": "digit"}], {}, True),
+            ([{"name": "digit", "parameters": {"binary_data": False}}],
+             {"binary_data_output": True}, False),
+        ]:  # fmt: skip
+            encoded = json.dumps({**header, "outputs": outputs, "parameters": parameters}).encode()
+            request = Request("POST", pair.path, encoded + pair.body[header_length:],
+                              pair.content_type, headers=(("Inference-Header-Content-Length",
+                                                          str(len(encoded))),))  # fmt: skip
+            status, headers, body = post(peer.url, request)
+            assert status == 200, body
+            assert ("inference-header-content-length" in headers) is binary
+            read = payloads.parse_v2_answer(headers, body)
+            assert read["digit"].tolist() == expected[:2].argmax(axis=1).tolist()
+            assert read["digit"].dtype == np.int64 and read["digit"].shape == (2,)
+            if binary:
+                np.testing.assert_allclose(read["probabilities"], expected[:2], atol=1e-5)
+        # A body shorter than its header says: a 400 from the front, not a crash.
+        short = Request(pair.method, pair.path, pair.body[:-4], pair.content_type,
+                        headers=pair.headers)  # fmt: skip
+        status, _, body = post(peer.url, short)
+        assert status == 400 and b"binary" in body
+        status, _, _ = post(peer.url, workload.requests[0])
+        assert status == 200  # still serving
+
+
+def test_the_peer_set_runs_v2_binary_on_the_service_and_mlserver_only():
+    peers = load_comparison_set("peers")
+    mlserver = peers.config("mlserver")
+    assert mlserver.server == "mlserver-peer"
+    assert (
+        mlserver.env["PEER_MAX_BATCH_SIZE"] == "64" and mlserver.env["PEER_MAX_LATENCY_MS"] == "2"
+    )
+    runs = {
+        config.name: [plan.name for plan in peers.workloads if plan.name not in config.skip]
+        for config in peers.configs
+    }
+    assert runs["mlserver"] == ["v2-binary"] and "v2-binary" in runs["service"]
+    assert {name for name, workloads in runs.items() if "v2-binary" in workloads} == {
+        "service",
+        "mlserver",
+    }
+    targets = [t for t in peers.targets if t.relative_to == "mlserver"]
+    assert [(t.config, t.workload, t.concurrency) for t in targets] == [
+        ("service", "v2-binary", 64),
+        ("service", "v2-binary", 256),
+    ]
+    assert all(t.min_ratio == 2.0 and t.lower_p99 for t in targets)
+
+    def point(config, requests_per_s, p99):
+        return {"config": config, "workload": "v2-binary", "concurrency": 64,
+                "requests_per_s": requests_per_s, "requests": int(requests_per_s * 6),
+                "duration_s": 6.0, "errors": 0, "latency_ms": {"p50": 1.0, "p99": p99},
+                "server": {}}  # fmt: skip
+
+    def met(service_rate, service_p99):
+        report = {"configs": [
+            {"name": "service", "points": [point("service", service_rate, service_p99)]},
+            {"name": "mlserver", "points": [point("mlserver", 800.0, 170.0)]},
+        ]}  # fmt: skip
+        return evaluate_targets(report, targets[:1])[0]["met"]
+
+    assert met(1700.0, 60.0) is True
+    assert met(1500.0, 60.0) is False  # under twice MLServer's rate
+    assert met(1700.0, 180.0) is False  # a higher p99
