@@ -8,7 +8,6 @@ import asyncio
 import concurrent.futures
 import io
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from bench.multipart import file_parts, multipart_body
 from bench.payloads import Request, Workload
 from bench.report import evaluate_targets, machine_info, write_report
 from bench.server import SERVER_PYTHONS, ServiceProcess, batch_stats
+from tests.tool_envs import tool_python
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = payloads.default_data_dir()
@@ -545,16 +545,6 @@ def test_closed_loop_sends_request_headers_and_rejects_answers_its_check_refuses
     assert result.ok == 0 and result.statuses == {BAD_ANSWER: result.requests}
 
 
-def mlserver_python() -> Path:
-    """MLServer's environment: ``make test`` names it, and then it must be there."""
-    named = os.environ.get("MLSERVER_VENV")
-    if not SERVER_PYTHONS["mlserver-peer"].exists():
-        if named:
-            pytest.fail(f"MLSERVER_VENV={named} has no bin/python: `make mlserver-venv`")
-        pytest.skip(".venv-mlserver is missing: `make mlserver-venv` makes it (make test does)")
-    return SERVER_PYTHONS["mlserver-peer"]
-
-
 def post(url: str, request: Request, timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
     sent = urllib.request.Request(
         url + request.path,
@@ -576,7 +566,9 @@ def test_the_mlserver_peer_answers_v2_binary_as_onnx_runtime_does(tmp_path):
     probabilities; its binary-tensor front also gives JSON outputs and refuses bad bodies."""
     import onnxruntime as ort
 
-    mlserver_python()
+    # Its own environment: make test names it, and then it must be there.
+    python = tool_python("MLSERVER_VENV", ".venv-mlserver", "mlserver-venv")
+    assert python == SERVER_PYTHONS["mlserver-peer"]
     [workload] = payloads.build_workloads(DATA_DIR, ["v2-binary"], pool_size=64).values()
     rows = np.concatenate(
         [np.frombuffer(r.body, "<f4", offset=len(r.body) - 3136) for r in workload.requests]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -37,6 +36,7 @@ from tests.manifests import (
     referenced_files,
     render,
 )
+from tests.tool_envs import tool_python
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTAINER_DIR = REPO_ROOT / "deploy" / "container"
@@ -333,18 +333,6 @@ for manifest in json.load(sys.stdin):
     })
 json.dump(results, sys.stdout)
 """
-
-
-def tool_python(variable: str, default: str, make_target: str) -> Path:
-    """The Python of a tool's own environment. ``make test`` names the environment in
-    ``variable``, and then it must be there; elsewhere a missing one skips the test."""
-    named = os.environ.get(variable)
-    python = REPO_ROOT / (named or default) / "bin" / "python"
-    if not python.exists():
-        if named:
-            pytest.fail(f"{variable}={named} has no bin/python: `make {make_target}` makes it")
-        pytest.skip(f"{default} is missing: `make {make_target}` makes it (make test does)")
-    return python
 
 
 def read_with_the_kserve_sdk(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
