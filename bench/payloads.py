@@ -234,6 +234,40 @@ def is_v2_classification(headers: Mapping[str, str], body: bytes) -> bool:
     return probabilities.ndim == 2 and probabilities.shape[1] == 10
 
 
+# The service's gRPC port in the benchmark (its configurations set SERVING_GRPC_PORT).
+GRPC_PORT = 50051
+GRPC_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def v2_grpc_request(rows: np.ndarray) -> Request:
+    """``N×1×28×28`` normalised digits → a serialised gRPC ModelInferRequest with the
+    rows as ``raw_input_contents`` (what tritonclient.grpc sends)."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    message = pb.ModelInferRequest(model_name=V2_MODEL)
+    message.inputs.add(name=V2_INPUT, datatype="FP32", shape=list(rows.shape))
+    message.outputs.add(name=V2_OUTPUT)
+    message.raw_input_contents.append(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+    return Request("GRPC", GRPC_MODEL_INFER, message.SerializeToString(), "application/grpc",
+                   items=len(rows), check=is_v2_grpc_classification)  # fmt: skip
+
+
+def is_v2_grpc_classification(headers: Mapping[str, str], body: bytes) -> bool:
+    """Whether ``body`` is a ModelInferResponse with the digits' ``probabilities``."""
+    from google.protobuf.message import DecodeError
+    from tritonclient.grpc import service_pb2 as pb
+
+    try:
+        response = pb.ModelInferResponse.FromString(body)
+    except DecodeError:
+        return False
+    return (
+        [output.name for output in response.outputs] == [V2_OUTPUT]
+        and list(response.outputs[0].shape)[1:] == [10]
+        and len(response.raw_output_contents[0]) == 40 * response.outputs[0].shape[0]
+    )
+
+
 def v2_binary_workload(digits: np.ndarray) -> Workload:
     """One request per MNIST digit, preprocessed as the service's ``/classify`` does."""
     images = [Image.fromarray(pixels, mode="L") for pixels in digits]
@@ -242,17 +276,25 @@ def v2_binary_workload(digits: np.ndarray) -> Workload:
     return Workload("v2-binary", V2_INFER_PATH, requests)
 
 
+def v2_grpc_workload(digits: np.ndarray) -> Workload:
+    """``v2-binary``'s digits as gRPC ModelInfer calls."""
+    images = [Image.fromarray(pixels, mode="L") for pixels in digits]
+    rows = normalize_digits(digit_pixels_from_images(images))[:, np.newaxis]
+    requests = tuple(v2_grpc_request(rows[i : i + 1]) for i in range(len(rows)))
+    return Workload("v2-grpc", "grpc ModelInfer", requests)
+
+
 def check_workload_name(name: str) -> str:
     """Return ``name`` if ``build_workloads`` knows it, else raise ``ValueError``."""
     for prefix in ("classify-", "generate-"):
         suffix = name.removeprefix(prefix)
         if suffix != name and ((suffix.isdigit() and int(suffix) > 0) or name == "generate-mixed"):
             return name
-    if name in ("classify", "sentiment", "mixed", "v2-binary"):
+    if name in ("classify", "sentiment", "mixed", "v2-binary", "v2-grpc"):
         return name
     raise ValueError(
         f"unknown workload {name!r}; known: classify, classify-<k>, sentiment, "
-        "generate-<n>, generate-mixed, mixed, v2-binary"
+        "generate-<n>, generate-mixed, mixed, v2-binary, v2-grpc"
     )
 
 
@@ -267,7 +309,8 @@ def build_workloads(
     Names: ``classify``, ``classify-<k>`` (one request carrying ``k`` digits),
     ``sentiment``, ``generate-<n>`` (fixed ``n``), ``generate-mixed``
     (``n`` from 1 to 16), ``mixed`` (classify, sentiment and generate-4 in turn) and
-    ``v2-binary`` (one digit per v2 inference request, binary tensors).
+    ``v2-binary`` (one digit per v2 inference request, binary tensors) and ``v2-grpc``
+    (the same as gRPC ModelInfer calls, on ``GRPC_PORT``).
     """
     data_dir = data_dir or default_data_dir()
     wanted = list(names) if names else ["classify", "sentiment", "generate-16", "generate-mixed"]
@@ -290,6 +333,8 @@ def build_workloads(
                 workloads[name] = classify_batch_workload(pngs, per_request, pool=8)
         elif name == "v2-binary":
             workloads[name] = v2_binary_workload(read_mnist_test_digits(data_dir, pool_size))
+        elif name == "v2-grpc":
+            workloads[name] = v2_grpc_workload(read_mnist_test_digits(data_dir, pool_size))
         elif name == "sentiment":
             sentences = read_sst2_test_sentences(data_dir)
             workloads[name] = sentiment_workload(sentences[:pool_size])
