@@ -620,6 +620,29 @@ def test_the_mlserver_peer_answers_v2_binary_as_onnx_runtime_does(tmp_path):
         assert status == 200  # still serving
 
 
+def test_the_v2_grpc_workload_sends_the_same_digits_as_model_infer_calls():
+    from tritonclient.grpc import service_pb2 as pb
+
+    workloads = payloads.build_workloads(DATA_DIR, ["v2-binary", "v2-grpc"], pool_size=4)
+    for rest, grpc_request in zip(workloads["v2-binary"].requests,
+                                  workloads["v2-grpc"].requests, strict=True):  # fmt: skip
+        assert (grpc_request.method, grpc_request.path) == ("GRPC", payloads.GRPC_MODEL_INFER)
+        message = pb.ModelInferRequest.FromString(grpc_request.body)
+        assert message.model_name == "mnist-cnn" and [o.name for o in message.outputs] == [
+            "probabilities"
+        ]
+        assert (message.inputs[0].name, message.inputs[0].datatype) == ("images", "FP32")
+        assert list(message.inputs[0].shape) == [1, 1, 28, 28]
+        assert rest.body.endswith(message.raw_input_contents[0])  # the same digit
+    answer = pb.ModelInferResponse(model_name="mnist-cnn")
+    answer.outputs.add(name="probabilities", datatype="FP32", shape=[1, 10])
+    answer.raw_output_contents.append(np.zeros(10, "<f4").tobytes())
+    assert payloads.is_v2_grpc_classification({}, answer.SerializeToString())
+    assert not payloads.is_v2_grpc_classification({}, b"\xff not a message")
+    answer.raw_output_contents[0] = b"short"
+    assert not payloads.is_v2_grpc_classification({}, answer.SerializeToString())
+
+
 def test_the_peer_set_runs_v2_binary_on_the_service_and_mlserver_only():
     peers = load_comparison_set("peers")
     mlserver = peers.config("mlserver")
