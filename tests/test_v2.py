@@ -442,3 +442,18 @@ def test_kserve_rest_and_grpc_clients_get_the_same_answers(server, triton):
         generated = np.array(answers[protocol]["digit-gan"]["outputs"]["images"], dtype=np.uint8)
         assert np.array_equal(generated.reshape(expected.shape), expected)
     assert answers["rest"]["sst2-bilstm"] == answers["grpc"]["sst2-bilstm"] | {"id": "k2"}
+
+
+def test_grpc_stops_with_the_http_server(server, triton_grpc):
+    """SIGTERM: the HTTP server drains, then each worker's gRPC server stops (the last test
+    of this module: it stops the module's server)."""
+    import socket
+
+    assert triton_grpc.is_server_live()
+    server.stop()
+    log = server.log_path.read_text()
+    assert server.process.returncode == 0, log[-3000:]
+    assert "Completed async cleanup hook: stop_grpc" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", GRPC_PORT), timeout=2):
+        pass
