@@ -36,6 +36,18 @@ _TENSOR_METADATA = {
     "properties": {"name": {"type": "string"}, "datatype": {"type": "string"}, "shape": _SHAPE},
 }
 _DATA = {"type": "array"}  # nested arrays of numbers, booleans or strings
+# A tensor of a request or an answer: data in JSON, or binary_data_size in parameters.
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string"},
+        "parameters": _PARAMETERS,
+        "data": _DATA,
+    },
+}
 SCHEMAS: dict[str, dict[str, Any]] = {
     "V2Error": {
         "type": "object",
@@ -85,17 +97,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "parameters": _PARAMETERS,
             "inputs": {
                 "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["name", "shape", "datatype"],
-                    "properties": {
-                        "name": {"type": "string"},
-                        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                        "datatype": {"type": "string"},
-                        "parameters": _PARAMETERS,
-                        "data": _DATA,
-                    },
-                },
+                "items": _TENSOR,
             },
             "outputs": {
                 "type": "array",
@@ -117,17 +119,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "parameters": _PARAMETERS,
             "outputs": {
                 "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["name", "shape", "datatype"],
-                    "properties": {
-                        "name": {"type": "string"},
-                        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                        "datatype": {"type": "string"},
-                        "parameters": _PARAMETERS,
-                        "data": _DATA,
-                    },
-                },
+                "items": _TENSOR,
             },
         },
     },
