@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import bentoml
@@ -28,6 +29,7 @@ import yaml
 
 from models.registry import REGISTRY, ModelSpec, get_spec
 from service import framework_hooks, openapi, v2_routes
+from service.api_keys import ApiKeys, RouteGuard
 from service.app import ServingApp, placement
 from service.backends import check_placement, resolve_device
 from service.http import ApiGate, Reply
@@ -141,7 +143,8 @@ def build_service(settings: Settings) -> bentoml.Service:
 
                 tasks = {task.spec.name: task for task in self.app.tasks.values()}
                 limit = settings.limits.max_body_bytes
-                self.grpc = GrpcServer(tasks, self.app.requests, settings.grpc_port, limit)
+                keys = guard.keys if guard is not None else None
+                self.grpc = GrpcServer(tasks, self.app.requests, keys, settings.grpc_port, limit)
                 await self.grpc.start()
 
         @bentoml.on_shutdown
@@ -166,10 +169,14 @@ def build_service(settings: Settings) -> bentoml.Service:
         logging={"access": {"enabled": settings.access_log}},
         **({} if settings.tracing else {"tracing": {"excluded_urls": list(table)}}),
     )(bentoml.asgi_app(page_app(), path=PAGE_PATH)(ServingService))
+    guard = None
+    if settings.api_keys_file:
+        guard = RouteGuard(ApiKeys(Path(settings.api_keys_file)), table)
     service.add_asgi_middleware(
         ApiGate,
         routes=table.gate_routes(),
         unknown=table.unknown,
+        authorize=guard,
         max_body_bytes=settings.limits.max_body_bytes,
         handler=bentoml.get_current_service,
     )

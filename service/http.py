@@ -188,12 +188,16 @@ class ApiGate:
         max_body_bytes: int,
         handler: Callable[[], ApiHandler],
         unknown: Callable[[str], Reply | None] = lambda path: None,
+        authorize: Callable[[str, Headers], Reply | None] | None = None,
         in_flight: InFlight = IN_FLIGHT,
         disconnects: DisconnectLog | None = None,
     ) -> None:
         self.app = app
         self.routes = dict(routes)
         self.unknown = unknown
+        # With API keys: path and headers → the refusal of a request without the right
+        # key (401, 403), or None; the first thing checked, on every path it guards.
+        self.authorize = authorize
         self.max_body_bytes = max_body_bytes
         self.handler = handler
         self.in_flight = in_flight
@@ -202,6 +206,13 @@ class ApiGate:
         self._sweeping = False
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if (
+            self.authorize is not None
+            and scope["type"] == "http"
+            and (refusal := self.authorize(scope["path"], scope["headers"])) is not None
+        ):
+            await send_reply(send, refusal)
+            return
         if scope["type"] != "http" or (route := self.routes.get(scope["path"])) is None:
             if scope["type"] == "http" and (reply := self.unknown(scope["path"])) is not None:
                 await send_reply(send, reply)

@@ -5,6 +5,8 @@
   service answered, by the protocol it came in by (``native`` REST, ``v2`` REST,
   ``v2-grpc``), the model it was for (``server`` for the protocol's own routes) and
   the HTTP status or gRPC code of its answer;
+* ``serving_key_requests_total{key, scope}``: with API keys on, the requests each key
+  (by its name) was admitted for;
 * ``serving_model_seconds{endpoint}``: wall time inside the model call itself (the
   predictor, without preprocessing or decoding), per model call. Its ``_sum``
   against the server's CPU time tells how much of a request's cost is the model
@@ -58,7 +60,7 @@ def _families() -> tuple[Any, Any]:
     prometheus_client is imported here, not at module level: BentoML points it
     at its multiprocess directory only after importing the service module.
     """
-    if not _FAMILIES:
+    if "batch_size" not in _FAMILIES:
         import prometheus_client
 
         _FAMILIES["batch_size"] = prometheus_client.Histogram(
@@ -79,6 +81,33 @@ def _families() -> tuple[Any, Any]:
             ["protocol", "endpoint", "code"],
         )
     return _FAMILIES["batch_size"], _FAMILIES["model_seconds"]
+
+
+def key_requests() -> Any:
+    """``serving_key_requests_total{key, scope}``: requests admitted per API key, by the
+    key's name (never the key)."""
+    if "key_requests" not in _FAMILIES:
+        import prometheus_client
+
+        _FAMILIES["key_requests"] = prometheus_client.Counter(
+            "serving_key_requests", "Requests admitted, by API key name and scope",
+            ["key", "scope"],
+        )  # fmt: skip
+    return _FAMILIES["key_requests"]
+
+
+def key_file_read() -> Any:
+    """``serving_api_keys_file_time_seconds{pid}``: the change time of the key file each
+    worker has read (a gauge per process: one line per worker)."""
+    if "key_file" not in _FAMILIES:
+        import prometheus_client
+
+        _FAMILIES["key_file"] = prometheus_client.Gauge(
+            "serving_api_keys_file_time_seconds",
+            "Change time of the API key file this worker has in force",
+            multiprocess_mode="all",
+        )
+    return _FAMILIES["key_file"]
 
 
 class RequestCounts:

@@ -89,6 +89,7 @@ BATCHING = "Adaptive batching"
 LIMITS = "Request limits (every violation is a 4xx with a JSON body naming the problem)"
 CONNECTIONS = "HTTP connections, per worker (service.connections)"
 PROTOCOLS = "Protocols (REST is always on: the service's routes and the Open Inference Protocol)"
+AUTH = "Access: API keys"
 LOGGING = "Logging"
 DIAGNOSTICS = "Diagnostics (off by default; see service.heap_snapshots)"
 MIB = 1024 * 1024
@@ -155,6 +156,9 @@ DECLARED: tuple[Setting, ...] = (
             "closed", CONNECTIONS, minimum=0.0),
     Setting("DRAIN_IDLE_S", "number", 1.0, "at shutdown, idle connections stay open this long "
             "and answer new requests 503 + Connection: close", CONNECTIONS, minimum=0.0),
+    Setting("API_KEYS_FILE", "text", None, "API keys and their scopes (service.api_keys); "
+            "the prediction routes and /metrics then need a key, probes stay open; edits take "
+            "effect within a second", AUTH, default_doc="unset: no keys, every route open"),
     Setting("GRPC_PORT", "int", None, "each worker also serves the Open Inference Protocol "
             "over gRPC on this port (all workers share it)", PROTOCOLS, minimum=1,
             default_doc="unset: HTTP only"),
@@ -219,6 +223,7 @@ class Settings:
     max_queue_items: int
     request_timeout_s: float
     grpc_port: int | None
+    api_keys_file: str | None
     log_level: str
     access_log: bool
     tracing: bool

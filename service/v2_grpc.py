@@ -24,6 +24,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from service import v2
+from service.api_keys import ApiKeys
 from service.errors import RequestError, ServiceBusy
 from service.metrics import RequestCounts
 from service.tasks import Task
@@ -46,9 +47,12 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     """The v2 gRPC service over one worker's tasks (model name → task); the methods
     carry the protocol's names."""
 
-    def __init__(self, tasks: Mapping[str, Task], requests: RequestCounts) -> None:
+    def __init__(
+        self, tasks: Mapping[str, Task], requests: RequestCounts, keys: ApiKeys | None
+    ) -> None:
         self.tasks = dict(tasks)
         self.requests = requests
+        self.keys = keys
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -57,15 +61,18 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=True)
 
     async def ServerMetadata(self, request, context):
+        await self._authorize(context)
         return pb.ServerMetadataResponse(
             name=SERVER_NAME, version=version("bentoml"), extensions=EXTENSIONS
         )
 
     async def ModelReady(self, request, context):
+        await self._authorize(context)
         await self._task(request.name, request.version, context)
         return pb.ModelReadyResponse(ready=True)
 
     async def ModelMetadata(self, request, context):
+        await self._authorize(context)
         task = await self._task(request.name, request.version, context)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -77,6 +84,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request, context):
+        await self._authorize(context)
         task = await self._task(request.model_name, request.model_version, context)
         code = "OK"
         try:
@@ -117,6 +125,18 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             ],
             raw_output_contents=[v2.tensor_bytes(t) for t in chosen],
         )
+
+    async def _authorize(self, context: Any) -> None:
+        """With API keys on, the ``infer`` scope, from the ``authorization`` metadata."""
+        if self.keys is None:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        value = metadata.get("authorization")
+        verdict = self.keys.verdict(value.encode("latin-1") if value else None, "infer")
+        if verdict.status == 401:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, verdict.message)
+        if verdict.status == 403:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, verdict.message)
 
     async def _task(self, name: str, model_version: str, context: Any) -> Task:
         task = self.tasks.get(name)
@@ -180,7 +200,12 @@ class GrpcServer:
     loaded, stopped when the HTTP server stops."""
 
     def __init__(
-        self, tasks: Mapping[str, Task], requests: RequestCounts, port: int, max_message_bytes: int
+        self,
+        tasks: Mapping[str, Task],
+        requests: RequestCounts,
+        keys: ApiKeys | None,
+        port: int,
+        max_message_bytes: int,
     ) -> None:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -190,7 +215,7 @@ class GrpcServer:
         ]
         self.server = grpc.aio.server(options=options)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(tasks, requests), self.server
+            InferenceService(tasks, requests, keys), self.server
         )
         self.port = self.server.add_insecure_port(f"0.0.0.0:{port}")
         if self.port == 0:
