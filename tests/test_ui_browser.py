@@ -405,3 +405,37 @@ def test_keyboard_alone_draws_and_classifies(page):
     active = page.switch_to.active_element
     assert active.get_attribute("id") == "pad"
     assert console_problems(page) == []
+
+
+# --- with API keys on ------------------------------------------------------------------
+
+PAGE_KEY = "page-test-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(model_store, serve, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text(f"page infer {PAGE_KEY}\n")
+    return serve(
+        "service.service:ServingService", {**SERVER_ENV, "SERVING_API_KEYS_FILE": str(keys)}
+    )
+
+
+def test_the_page_asks_for_a_key_once_and_keeps_it_for_the_tab(browser, keyed_server, screenshots):
+    """The first request is refused (401): the page asks for a key, sends it from then
+    on, and keeps it in the tab's sessionStorage only (a reload does not ask again)."""
+    browser.get(keyed_server.url + "/ui")
+    alert = wait_for(lambda: browser.switch_to.alert)
+    assert "API key" in alert.text
+    alert.send_keys(PAGE_KEY)
+    alert.accept()
+    wait_for(lambda: len(browser.find_elements("css selector", "#gen-grid img")) > 0)
+    assert browser.execute_script("return sessionStorage.getItem('serving-api-key')") == PAGE_KEY
+    assert browser.execute_script("return localStorage.length") == 0
+    browser.refresh()
+    wait_for(lambda: len(browser.find_elements("css selector", "#gen-grid img")) > 0)
+    text = browser.find_element("id", "review")
+    text.send_keys("A gripping, beautifully acted film.")
+    wait_for(lambda: "positive" in text_of(browser, "#sentiment-label"))
+    browser.save_screenshot(str(screenshots / "keys-required.png"))
+    assert console_problems(browser, allowed_statuses=(401,)) == []

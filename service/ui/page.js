@@ -7,16 +7,46 @@ const API = new URL("../", window.location.href);
 
 class ApiError extends Error {}
 
+// With API keys on, the key this tab was given: kept in sessionStorage, so it lives as
+// long as the tab and is never written to disk or sent to another origin.
+const KEY_ITEM = "serving-api-key";
+let askingForKey = null; // one prompt at a time, however many requests were refused
+
+function withKey(init) {
+  const key = sessionStorage.getItem(KEY_ITEM);
+  if (!key) return init;
+  return { ...init, headers: { ...(init && init.headers), Authorization: `Bearer ${key}` } };
+}
+
+// The server wants a key (401): ask once, for every request waiting on the answer.
+function askForKey() {
+  askingForKey ||= Promise.resolve().then(() => {
+    const key = window.prompt("This service needs an API key. It is kept for this tab only.");
+    askingForKey = null;
+    if (key && key.trim()) sessionStorage.setItem(KEY_ITEM, key.trim());
+    else sessionStorage.removeItem(KEY_ITEM);
+    return Boolean(key && key.trim());
+  });
+  return askingForKey;
+}
+
 // One API call → the decoded body, or an ApiError carrying the service's own message.
-async function api(path, init) {
+async function api(path, init, askedForKey = false) {
   let response;
+  const sentKey = sessionStorage.getItem(KEY_ITEM);
   try {
-    response = await fetch(new URL(path, API), init);
+    response = await fetch(new URL(path, API), withKey(init));
   } catch (error) {
     if (error.name === "AbortError") throw error;
     throw new ApiError("The service did not answer; is it running?");
   }
   if (response.ok) return response;
+  if (response.status === 401 && !askedForKey) {
+    // Sent before another request's prompt stored a key: retry with that one.
+    const stored = sessionStorage.getItem(KEY_ITEM);
+    if ((stored && stored !== sentKey) || (await askForKey())) return api(path, init, true);
+  }
+  if (response.status === 401) sessionStorage.removeItem(KEY_ITEM); // ask again next time
   let message = `The service answered ${response.status} ${response.statusText}`.trim();
   try {
     const body = await response.json();
