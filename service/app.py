@@ -21,6 +21,7 @@ import functools
 import gc
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,6 +57,7 @@ from service.v2 import V2Error
 
 log = logging.getLogger("service")
 
+MODEL_VERSION_HEADER = "X-Model-Version"
 # The Open Inference Protocol's name for each backend (model metadata's "platform").
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torch": "pytorch"}
 
@@ -173,6 +175,10 @@ class ServingApp:
         except (RequestError, ServiceBusy, V2Error) as error:
             reply = _error_reply(route, error)
         self.requests.count(route.protocol, route.endpoint, reply.status)
+        if route.endpoint is not None and reply.status == 200:
+            # Which model version produced the answer, in every protocol's answers.
+            version = {MODEL_VERSION_HEADER: target.version}
+            reply = replace(reply, headers={**(reply.headers or {}), **version})
         return reply
 
     def _log_summary(self, stored: Mapping[str, StoredModel], artifacts: Mapping[str, Artifact]):

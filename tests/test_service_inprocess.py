@@ -262,3 +262,20 @@ def test_previews_beyond_the_limit_are_refused_and_the_count_returns_to_zero(svc
     assert statuses == [200] * MAX_PREVIEWS_WAITING + [503] * 8
     assert svc.instance.tasks["classify"].previews_waiting == 0
     assert svc.request_all(previews[:1])[0][0] == 200
+
+
+def test_every_answer_says_which_model_version_produced_it(svc, model_store):
+    versions = {tag.split(":")[0]: tag.split(":")[1] for tag in model_store.values()}
+    png = encode(np.zeros((28, 28), np.uint8), "PNG")
+    status, headers, _ = svc.request("/classify", data=png, headers={"Content-Type": "image/png"})
+    assert status == 200 and headers["x-model-version"] == versions["mnist-cnn"]
+    request = json.dumps({"text": "Fine."}).encode()
+    status, headers, _ = svc.request("/sentiment", data=request,
+                                     headers={"Content-Type": JSON_TYPE})  # fmt: skip
+    assert headers["x-model-version"] == versions["sst2-bilstm"]
+    v2 = json.dumps({"inputs": [{"name": "digits", "datatype": "INT64", "shape": [1],
+                                 "data": [3]}]}).encode()  # fmt: skip
+    status, headers, raw = svc.request("/v2/models/digit-gan/infer", data=v2,
+                                       headers={"Content-Type": JSON_TYPE})  # fmt: skip
+    assert headers["x-model-version"] == json.loads(raw)["model_version"] == versions["digit-gan"]
+    assert "x-model-version" not in svc.request("/v2/health/ready")[1]  # not a model's answer
