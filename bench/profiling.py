@@ -40,7 +40,8 @@ _RULES = (
      r"|^service/inference\.py:(DigitClassification\.)?(prepare_images|decode_and_prepare)"),
     ("response PNG encoding", r"^service/imaging\.py:(grid_png|encode_png)"),
     ("model inference (ONNX Runtime / PyTorch)", r"^service/backends\.py|^onnxruntime/|^torch/"),
-    ("batch assembly and softmax", r"^service/inference\.py:(\w+\.run_batch|softmax)"),
+    ("batch assembly and softmax",
+     r"^service/inference\.py:(\w+\.(run_batch|predict_prepared)|softmax)"),
     ("batcher (queue, thread hand-off)", r"^service/batching\.py|^concurrent/futures/"),
     ("body parsing (multipart, JSON)", r"^_bentoml_impl/serde|^service/requests\.py"
      r"|^starlette/formparsers|^multipart/|^python_multipart/|^json/"),

@@ -11,9 +11,10 @@ Each task has two halves:
   per row. It runs in the batcher's thread.
 
 Images are the exception: their decoding and preprocessing is most of a
-classify request's cost, so ``DigitClassification.run_batch`` takes the
-identified (still compressed) images themselves and prepares the whole batch
-at once, in the batcher's thread, off the event loop. An image that turns out
+classify request's cost, so the classifier's batch takes the identified (still
+compressed) images themselves, in two stages the batcher runs on two threads,
+off the event loop: ``decode_and_prepare`` prepares a whole batch at once while
+``predict_prepared`` runs the model on the batch before. An image that turns out
 to be corrupt fails alone: its result is the ``ImageError``.
 
 ``TimedPredictor`` reports the time of each model call, so that the cost of
@@ -130,9 +131,6 @@ class DigitClassification:
             small = shrink_to_working_size(load_image(image))
             image.close()  # the full-size pixels go now, not when the request ends
             return small
-
-    def run_batch(self, items: list[ImageItem]) -> list[np.ndarray | ImageError]:
-        return self.predict_prepared(self.decode_and_prepare(items))
 
     def predict_prepared(
         self, rows: list[np.ndarray | ImageError]

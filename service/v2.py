@@ -152,15 +152,13 @@ def _input_tensor(spec: Any, index: int, binary: bytes, offset: int) -> tuple[Te
     name = spec.get("name")
     if not isinstance(name, str) or not name:
         raise bad_request(f"inputs[{index}] has no name")
-    where = f"input {name!r}"
-    datatype = spec.get("datatype")
-    if datatype != BYTES and datatype not in DATATYPES:
-        raise bad_request(f"{where}: unknown datatype {datatype!r}")
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        isinstance(d, int) and not isinstance(d, bool) for d in shape
     ):
-        raise bad_request(f"{where}: 'shape' must be a list of non-negative integers")
+        raise bad_request(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    datatype = spec.get("datatype")
+    where = _check_header(name, datatype, shape)  # the checks gRPC's tensors get too
     count = math.prod(shape)
     parameters = _parameters(spec.get("parameters"), where)
     size = parameters.get("binary_data_size")
@@ -210,7 +208,8 @@ def tensor_from_values(
     return Tensor(name, datatype, tuple(shape), data.reshape(tuple(shape)), parameters)
 
 
-def _check_header(name: str, datatype: str, shape: Sequence[int]) -> str:
+def _check_header(name: str, datatype: Any, shape: Sequence[int]) -> str:
+    """Name, datatype and shape of an input, checked; the name for error messages."""
     where = f"input {name!r}"
     if not name:
         raise bad_request("an input has no name")

@@ -745,7 +745,7 @@ def test_a_corrupt_image_fails_alone_in_its_batch():
     truncated = encode_png(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28))[:60]
     items = [open_image(data, max_pixels=10**6) for data in (good, truncated, good)]
     ready = DigitClassification.prepare(load_image(open_image(good, max_pixels=10**6)))
-    results = task.run_batch([*items, ready])
+    results = task.predict_prepared(task.decode_and_prepare([*items, ready]))
     assert isinstance(results[1], ImageError) and results[1].type == "corrupt_image"
     for index in (0, 2, 3):
         assert results[index].shape == (10,) and results[index].argmax() == 9
