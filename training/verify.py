@@ -17,7 +17,9 @@ then discarded, so the committed files stay byte for byte as they were. It
 fails (exit status 1) when a check fails, and when the artifact does not carry
 exactly the variants the policy keeps. ``--write`` instead swaps the checked
 copy in, atomically: metadata.json gains the measured ``evaluation``,
-``parity`` and ``variants`` sections and ``onnx.files``, and a rejected
+``parity`` and ``variants`` sections, ``onnx.files``, and the PyTorch module's
+output for the spec's example input (``example``: what the service checks a
+version against before serving it, ``models.example_outputs``), and a rejected
 variant's file is removed. A failed check never writes anything.
 """
 
@@ -42,6 +44,7 @@ from models.artifacts import (
     staged_artifact,
     update_metadata,
 )
+from models.example_outputs import EXAMPLE_SECTION, example_record
 from models.registry import REGISTRY, ModelSpec, get_spec
 from training.common import add_model_selection_arguments, default_data_dir
 from training.evaluation import (
@@ -50,6 +53,7 @@ from training.evaluation import (
     evaluate_into,
     evaluation_set,
     load_labeller,
+    torch_runner,
 )
 from training.export import variant_candidates
 from training.log import configure_logging
@@ -141,9 +145,17 @@ def verify_into(
     onnx_section = dict(artifact.metadata.get("onnx", {}))
     onnx_section["files"] = kept_files(variants)
     onnx_section["verified"] = True
-    update_metadata(directory, onnx=onnx_section, parity=parity, variants=variants)
+    example = example_record(spec, artifact.config, _positional(spec, module))
+    sections = {"onnx": onnx_section, "parity": parity, "variants": variants}
+    update_metadata(directory, **sections, **{EXAMPLE_SECTION: example})
     refresh_checksums(directory)  # rejected variants were removed
     return {"parity": parity, "variants": variants}
+
+
+def _positional(spec: ModelSpec, module: torch.nn.Module):
+    """The module as the service's predictors are called: inputs in ONNX order."""
+    run = torch_runner(spec, module)
+    return lambda *inputs: run(dict(zip(spec.onnx.inputs, inputs, strict=True)))
 
 
 def verify_artifact(
