@@ -29,7 +29,13 @@ SUPPORTED = {
 }
 # Lists that a strategic merge patch merges item by item, by this key (as in the
 # Kubernetes API's patchMergeKey); every other list is replaced.
-MERGE_KEYS = {"containers": "name", "env": "name", "ports": "containerPort", "volumes": "name"}
+MERGE_KEYS = {
+    "containers": "name",
+    "env": "name",
+    "ports": "containerPort",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+}
 
 
 def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
