@@ -6,7 +6,10 @@ cluster, no network). Then the manifests are checked against what they describe:
 the probes and ports against the image (deploy/container/Containerfile), the
 image names against what ``make container`` tags, the ``SERVING_*`` variables
 against the settings the service reads (service/settings.py), the grace period
-against the drain time, and the thread count against the CPU limit.
+against the drain time, and the thread count against the CPU limit. API keys are on
+everywhere: the key file the service reads is the one the image names, inside a
+read-only mount of the whole Secret ``serving-api-keys`` (not a subPath, so that a
+changed Secret reaches the running pods), and every probe asks an open path.
 
 The KServe InferenceService (deploy/kubernetes/kserve) is built into the KServe
 SDK's models by the SDK's own Python (``make kserve-venv``: its pins conflict with
@@ -18,14 +21,17 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shlex
 import subprocess
 from collections.abc import Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
+from service.api_keys import METRICS_PATH, OPEN_PATHS
 from service.settings import PREFIX, Settings
 from tests.manifests import (
     KUBERNETES_DIR,
@@ -45,6 +51,10 @@ KSERVE_DIR = KUBERNETES_DIR / "kserve"
 # The oldest Kubernetes release still maintained upstream, and the newest known here.
 KUBERNETES_VERSIONS = ("1.32.0", kubernetes_validate.utils.latest_version())
 PROBE_PATHS = {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/livez"}
+# The Secret that holds the key file, and its key (docs/deploy.md, API keys).
+KEYS_SECRET, KEYS_SECRET_KEY = "serving-api-keys", "api-keys"
+KEYS_VARIABLE = f"{PREFIX}API_KEYS_FILE"
+DEPLOY_DOC = REPO_ROOT / "docs" / "deploy.md"
 
 
 @pytest.fixture(scope="module", params=sorted(OVERLAYS))
@@ -70,12 +80,105 @@ def settings_env(resources: list[dict[str, Any]]) -> dict[str, str]:
     return env
 
 
-def containerfile_instruction(name: str) -> str:
-    """The arguments of the runtime image's last ``name`` instruction (continuations joined)."""
+def containerfile_instructions(name: str) -> list[str]:
+    """The arguments of the runtime image's ``name`` instructions (continuations joined)."""
     text = (CONTAINER_DIR / "Containerfile").read_text().replace("\\\n", " ")
-    found = re.findall(rf"^{name} +(.+)$", text, flags=re.MULTILINE)
+    # The runtime image is the last stage.
+    last_stage = re.split(r"^FROM .*$", text, flags=re.MULTILINE)[-1]
+    found = re.findall(rf"^{name} +(.+)$", last_stage, flags=re.MULTILINE)
     assert found, f"no {name} in deploy/container/Containerfile"
-    return found[-1]
+    return found
+
+
+def containerfile_instruction(name: str) -> str:
+    """The arguments of the runtime image's last ``name`` instruction."""
+    return containerfile_instructions(name)[-1]
+
+
+def image_env() -> dict[str, str]:
+    """The environment the runtime image sets (its ``ENV KEY=VALUE ...`` instructions)."""
+    env: dict[str, str] = {}
+    for arguments in containerfile_instructions("ENV"):
+        for word in shlex.split(arguments):
+            key, sep, value = word.partition("=")
+            assert sep, f"ENV {arguments}: write KEY=VALUE"
+            env[key] = value
+    return env
+
+
+def image_keys_file() -> str:
+    """Where the image expects its key file: every manifest must mount it there."""
+    path = image_env().get(KEYS_VARIABLE)
+    assert path, f"the image does not set {KEYS_VARIABLE}: it would serve every route open"
+    return path
+
+
+def container_env(container: dict[str, Any], configmaps: dict[str, str]) -> dict[str, str]:
+    """What the container's process sees: the image's environment, then the ConfigMaps'
+    (``envFrom``), then the container's own ``env``, each over the one before."""
+    env = {**image_env(), **configmaps}
+    for variable in container.get("env", []):
+        assert "value" in variable, f"{variable['name']}: only plain values are checked here"
+        env[variable["name"]] = variable["value"]
+    return env
+
+
+def check_keys_from_the_secret(
+    pod: dict[str, Any], container: dict[str, Any], configmaps: dict[str, str]
+) -> str:
+    """Fails unless the key file the service reads is the image's, in a read-only,
+    whole (not subPath) mount of the Secret's key, which must exist for the pod to
+    start and be readable by the service's user; gives the file's path."""
+    path = container_env(container, configmaps).get(KEYS_VARIABLE)
+    assert path, f"{KEYS_VARIABLE} is not set: every route would be open"
+    assert path == image_keys_file(), "not the path the image and the documents name"
+    file = PurePosixPath(path)
+    mounts = [m for m in container.get("volumeMounts", []) if file.is_relative_to(m["mountPath"])]
+    assert len(mounts) == 1, f"{path} is in {len(mounts)} mounts, not one"
+    (mount,) = mounts
+    assert mount.get("readOnly") is True, "the key file must be mounted read-only"
+    # A subPath mount is a copy made at the start: the kubelet never updates it.
+    assert "subPath" not in mount and "subPathExpr" not in mount, "a subPath gets no updates"
+    volumes = [v for v in pod.get("volumes", []) if v["name"] == mount["name"]]
+    assert len(volumes) == 1, f"no volume {mount['name']}"
+    secret = volumes[0].get("secret")
+    assert secret is not None, f"volume {mount['name']} is not a Secret"
+    assert secret["secretName"] == KEYS_SECRET
+    # An optional Secret that is missing gives an empty directory, and the service
+    # then refuses to start; not optional, the pod waits for it with a clear event.
+    assert secret.get("optional", False) is False, "the Secret must not be optional"
+    name = str(file.relative_to(mount["mountPath"]))
+    if "items" in secret:
+        items = [item for item in secret["items"] if item["path"] == name]
+        assert len(items) == 1 and items[0]["key"] == KEYS_SECRET_KEY, secret["items"]
+        mode = items[0].get("mode", secret.get("defaultMode", 0o644))
+    else:
+        assert name == KEYS_SECRET_KEY, f"{path}: the Secret's key {name} is not {KEYS_SECRET_KEY}"
+        mode = secret.get("defaultMode", 0o644)
+    # The kubelet writes the files as root; with an fsGroup they get that group, which
+    # every container of the pod is in, and group read. Otherwise "other" must read.
+    user = container.get("securityContext", {}).get(
+        "runAsUser", pod.get("securityContext", {}).get("runAsUser")
+    )
+    readable = user == 0 or "fsGroup" in pod.get("securityContext", {}) or mode & 0o004
+    assert readable, f"mode {mode:o}: the service's user (uid {user}) cannot read the key file"
+    return path
+
+
+def probe_paths(container: dict[str, Any]) -> dict[str, str]:
+    return {
+        probe: container[probe]["httpGet"]["path"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe")
+        if "httpGet" in container.get(probe, {})
+    }
+
+
+def check_probes_need_no_key(container: dict[str, Any]) -> None:
+    """Fails unless every probe asks a path the service answers without a key."""
+    paths = probe_paths(container)
+    assert paths, "no HTTP probes"
+    closed = {probe: path for probe, path in paths.items() if path not in OPEN_PATHS}
+    assert not closed, f"probes on paths that need an API key (401): {closed}"
 
 
 class RecordingEnv(Mapping[str, str]):
@@ -152,6 +255,97 @@ def test_probes_ports_and_metrics_agree_with_the_image(overlay):
     # Runs as the image's user.
     user = containerfile_instruction("USER").split(":")[0]
     assert pod["spec"]["securityContext"]["runAsUser"] == int(user)
+
+
+def test_the_api_keys_come_from_the_secret_the_image_expects(overlay):
+    _, resources = overlay
+    pod = deployment(resources)["spec"]["template"]["spec"]
+    container = serving_container(resources)
+    path = check_keys_from_the_secret(pod, container, settings_env(resources))
+    assert path.startswith("/run/secrets/")
+
+
+def test_the_probes_and_the_image_health_check_need_no_key(overlay):
+    _, resources = overlay
+    check_probes_need_no_key(serving_container(resources))
+    health_check = containerfile_instruction("HEALTHCHECK")
+    asked = re.findall(r"http://[^/'\"]+(/[^'\"]*)", health_check)
+    assert asked and set(asked) <= OPEN_PATHS, asked
+
+
+def test_the_key_checks_catch_a_manifest_that_serves_open_or_stale(overlay):
+    """Each way of getting the keys wrong fails the checks above."""
+    _, resources = overlay
+    pod = deployment(resources)["spec"]["template"]["spec"]
+    container = serving_container(resources)
+    configmaps = settings_env(resources)
+
+    def broken(change) -> tuple[dict[str, Any], dict[str, Any]]:
+        pod_copy, container_copy = copy.deepcopy(pod), copy.deepcopy(container)
+        change(pod_copy, container_copy)
+        return pod_copy, container_copy
+
+    def volume(pod: dict[str, Any]) -> dict[str, Any]:
+        (mount,) = container["volumeMounts"]
+        return next(v for v in pod["volumes"] if v["name"] == mount["name"])["secret"]
+
+    mount_path = container["volumeMounts"][0]["mountPath"]
+    wrong = {
+        "subPath": lambda p, c: c["volumeMounts"][0].update(
+            mountPath=image_keys_file(), subPath=KEYS_SECRET_KEY
+        ),
+        "writable": lambda p, c: c["volumeMounts"][0].update(readOnly=False),
+        "optional": lambda p, c: volume(p).update(optional=True),
+        "other Secret": lambda p, c: volume(p).update(secretName="other"),
+        "other key": lambda p, c: volume(p).update(items=[{"key": "keys", "path": "api-keys"}]),
+        "no mount": lambda p, c: c.pop("volumeMounts"),
+        "outside the mount": lambda p, c: c["env"].append(
+            {"name": KEYS_VARIABLE, "value": "/etc/api-keys"}
+        ),
+        "keys off": lambda p, c: c["env"].append({"name": KEYS_VARIABLE, "value": ""}),
+        # In the mount, but not the file the image and the documents name.
+        "another file": lambda p, c: c["env"].append(
+            {"name": KEYS_VARIABLE, "value": f"{mount_path}/{KEYS_SECRET_KEY}-2"}
+        ),
+        "unreadable": lambda p, c: (
+            p["securityContext"].pop("fsGroup", None),
+            volume(p).update(defaultMode=0o440),
+        ),
+    }
+    for what, change in wrong.items():
+        with pytest.raises(AssertionError):
+            check_keys_from_the_secret(*broken(change), configmaps)
+            pytest.fail(f"not caught: {what}")  # reached only when the check passed
+    closed = copy.deepcopy(container)
+    closed["livenessProbe"]["httpGet"]["path"] = METRICS_PATH
+    with pytest.raises(AssertionError):
+        check_probes_need_no_key(closed)
+
+
+def test_the_documented_pod_monitor_scrapes_with_a_key(overlay):
+    """docs/deploy.md's PodMonitor (the Prometheus operator's, not validated here: a
+    custom resource) picks these pods, asks /metrics on the annotated port and sends
+    a bearer key from a Secret of its own, not the key file (which holds only hashes)."""
+    _, resources = overlay
+    blocks = re.findall(r"```yaml\n(.*?)```", DEPLOY_DOC.read_text(), flags=re.DOTALL)
+    documents = [yaml.safe_load(block) for block in blocks]
+    monitors = [d for d in documents if isinstance(d, dict) and d.get("kind") == "PodMonitor"]
+    assert len(monitors) == 1, "docs/deploy.md shows one PodMonitor"
+    spec = monitors[0]["spec"]
+    template = deployment(resources)["spec"]["template"]
+    assert spec["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    (endpoint,) = spec["podMetricsEndpoints"]
+    (port,) = serving_container(resources)["ports"]
+    assert endpoint["port"] == port["name"]
+    assert (
+        endpoint["path"]
+        == METRICS_PATH
+        == template["metadata"]["annotations"]["prometheus.io/path"]
+    )
+    authorization = endpoint["authorization"]
+    assert authorization["type"] == "Bearer"
+    assert set(authorization["credentials"]) == {"name", "key"}
+    assert authorization["credentials"]["name"] != KEYS_SECRET
 
 
 def test_selectors_pick_the_deployments_pods(overlay):
@@ -401,7 +595,7 @@ def test_the_kserve_predictor_and_its_settings_validate_as_kubernetes_objects(ks
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "predictor"},
-        "spec": {"containers": predictor["containers"]},
+        "spec": {"containers": predictor["containers"], "volumes": predictor["volumes"]},
     }
     [settings] = [r for r in kserve_resources if r["kind"] == "ConfigMap"]
     for version in KUBERNETES_VERSIONS:
@@ -430,3 +624,15 @@ def test_the_kserve_predictor_serves_as_the_cpu_overlay_does(kserve_resources):
     assert annotations["prometheus.kserve.io/path"] == "/metrics"
     user = containerfile_instruction("USER").split(":")[0]
     assert container["securityContext"]["runAsUser"] == int(user)
+
+
+def test_the_kserve_predictor_reads_its_keys_from_the_secret(kserve_resources):
+    predictor = inference_service(kserve_resources)["spec"]["predictor"]
+    container = predictor_container(kserve_resources)
+    (source,) = container["envFrom"]
+    configmaps = find(kserve_resources, "ConfigMap", source["configMapRef"]["name"])["data"]
+    # KServe's predictor spec is a pod spec: its volumes are the pod's.
+    path = check_keys_from_the_secret(predictor, container, configmaps)
+    cpu = render(OVERLAYS["cpu"])
+    assert path == container_env(serving_container(cpu), settings_env(cpu))[KEYS_VARIABLE]
+    check_probes_need_no_key(container)
