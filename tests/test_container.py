@@ -7,6 +7,11 @@ comes from ``BENTOML_PORT``). Without a PID namespace the server's workers are
 ordinary processes of this host, so every check that the server stopped looks at
 the whole process tree and at the port.
 
+The image has API keys on: like a pod, the container gets a directory holding the
+key file mounted read-only where the image's ``SERVING_API_KEYS_FILE`` points, and
+every request sends a key (an ``infer`` key, or a ``metrics`` key for ``/metrics``).
+Started without it, the image must refuse to start.
+
 ``CONTAINER_REFERENCE_IMAGE`` names a second image whose labels on the full MNIST
 and SST-2 test sets must be identical (the CPU image against the GPU image).
 Skipped unless ``CONTAINER_IMAGE`` is set and buildah and the image are present:
@@ -33,8 +38,9 @@ import psutil
 import pytest
 from PIL import Image
 
+from service.api_keys import new_key_line
 from tests.conftest import ServedProcess, free_port
-from tests.test_deploy import in_flight_metric
+from tests.test_deploy import KEYS_VARIABLE, image_keys_file, in_flight_metric
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -48,6 +54,9 @@ READY_TIMEOUT_S = 300.0
 BATCH = 128  # SERVING_MAX_ITEMS_PER_REQUEST
 # On the shared 2-core test machine: one thread per model.
 CONTAINER_ENV = {"SERVING_THREADS": "1", "SERVING_LOG_LEVEL": "info"}
+# The keys in the mounted file, by name: what a client and a scraper get.
+KEY_SCOPES = {"client": ("infer",), "scraper": ("metrics",)}
+RELOAD_WAIT_S = 10.0  # the service rereads the file within 1 s of a request
 
 
 def buildah(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -85,19 +94,65 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-class Container(ServedProcess):
-    """One working container of ``image`` serving on a free port, stopped as a process tree."""
+def config_env(config: dict) -> dict[str, str]:
+    return dict(variable.partition("=")[::2] for variable in config.get("Env") or [])
 
-    def __init__(self, image: str, env: dict[str, str], log_path: Path) -> None:
+
+class KeyFile:
+    """A directory holding the key file, as a Secret volume does: written whole and
+    renamed into place, as the kubelet swaps in a changed Secret."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory = directory
+        self.path = directory / name
+        self.by_name: dict[str, str] = {}  # the keys themselves, for the requests
+        self.lines: dict[str, str] = {}
+        # The container's user (uid 1034) must be able to read them; they hold hashes only.
+        directory.chmod(0o755)
+        for key_name, scopes in KEY_SCOPES.items():
+            self.add(key_name, scopes)
+
+    def add(self, name: str, scopes: tuple[str, ...]) -> str:
+        key, line = new_key_line(name, scopes)
+        self.by_name[name], self.lines[name] = key, line
+        self.write()
+        return key
+
+    def remove(self, name: str) -> None:
+        del self.by_name[name], self.lines[name]
+        self.write()
+
+    def write(self) -> None:
+        written = self.directory / f".{self.path.name}.new"
+        written.write_text("".join(f"{line}\n" for line in self.lines.values()))
+        written.chmod(0o644)
+        os.replace(written, self.path)
+
+
+class Container(ServedProcess):
+    """One working container of ``image`` serving on a free port, stopped as a process tree.
+
+    ``keys`` is mounted read-only at the directory of the image's key file; requests
+    send its ``client`` key unless told otherwise (``as_key``)."""
+
+    def __init__(
+        self, image: str, env: dict[str, str], log_path: Path, keys: KeyFile | None
+    ) -> None:
         self.image = image
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.name = f"container-test-{os.getpid()}-{self.port}"
         self.config = image_config(image)
+        self.keys = keys
+        self.keys_file = config_env(self.config).get(KEYS_VARIABLE)
         buildah("from", "--name", self.name, image)
         settings = {**env, "BENTOML_PORT": str(self.port)}
         env_args = [arg for key, value in settings.items() for arg in ("--env", f"{key}={value}")]
+        if keys is not None and self.keys_file:
+            assert Path(self.keys_file).name == keys.path.name
+            mount = f"{keys.directory}:{Path(self.keys_file).parent}:ro"
+            env_args += ["--volume", mount]
         entrypoint = self.config["Entrypoint"]
         run = ["run", "--isolation", "chroot", "--network", "host", *env_args, self.name]
         command = f". {shlex.quote(str(ENV_SH))} && exec buildah " + shlex.join(
@@ -111,6 +166,22 @@ class Container(ServedProcess):
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+    def request(
+        self,
+        path: str,
+        *,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        method: str | None = None,
+        timeout: float = 60.0,
+        as_key: str | None = "client",
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One HTTP request with the mounted file's key ``as_key`` (None: without a key)."""
+        headers = dict(headers or {})
+        if as_key is not None and self.keys is not None:
+            headers.setdefault("Authorization", f"Bearer {self.keys.by_name[as_key]}")
+        return super().request(path, data=data, headers=headers, method=method, timeout=timeout)
 
     def exec(self, *command: str) -> subprocess.CompletedProcess:
         """Run a command in the same container (while the server runs, on the same network)."""
@@ -170,11 +241,17 @@ def image() -> str:
 
 
 @pytest.fixture(scope="module")
-def start(tmp_path_factory):
+def key_file(tmp_path_factory) -> KeyFile:
+    return KeyFile(tmp_path_factory.mktemp("api-keys"), Path(image_keys_file()).name)
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory, key_file):
     started: list[Container] = []
 
     def run(image: str) -> tuple[Container, float]:
-        container = Container(image, CONTAINER_ENV, tmp_path_factory.mktemp("container") / "log")
+        log = tmp_path_factory.mktemp("container") / "log"
+        container = Container(image, CONTAINER_ENV, log, key_file)
         started.append(container)
         return container, container.wait_ready()
 
@@ -253,9 +330,18 @@ def test_the_cpu_image_serves_without_torch(served):
     assert "onnx on cpu" in served.log()
 
 
+def test_the_image_reads_its_keys_where_the_manifests_mount_them(served):
+    # The built image's environment, against its Containerfile (tests/test_deploy.py
+    # checks the manifests against the Containerfile).
+    assert served.keys_file == image_keys_file()
+    assert served.exec("test", "-r", served.keys_file).returncode == 0
+
+
 def test_health_endpoints_and_the_image_health_check(served):
-    assert served.request("/livez")[0] == 200
-    assert served.request("/readyz")[0] == 200
+    # The probes and the health check need no key.
+    assert served.request("/livez", as_key=None)[0] == 200
+    assert served.request("/readyz", as_key=None)[0] == 200
+    assert served.request("/v2/health/ready", as_key=None)[0] == 200
     health_check = served.config["Healthcheck"]["Test"]
     assert health_check[0] == "CMD"
     # The health check runs in the container's environment, where BENTOML_PORT is the port.
@@ -297,12 +383,54 @@ def test_bad_input_gets_a_4xx_json_error(served):
     assert status == 415 and "error" in json.loads(body)
 
 
+def test_predictions_and_metrics_need_a_key_with_their_scope(served):
+    body = json.dumps({"text": "A fine film."}).encode()
+    json_type = {"Content-Type": "application/json"}
+    status, headers, _ = served.request("/sentiment", data=body, headers=json_type, as_key=None)
+    challenge = {name.lower(): value for name, value in headers.items()}["www-authenticate"]
+    assert status == 401 and challenge.startswith("Bearer")
+    wrong = {**json_type, "Authorization": "Bearer not-a-key"}
+    assert served.request("/sentiment", data=body, headers=wrong, as_key=None)[0] == 401
+    assert served.request("/sentiment", data=body, headers=json_type, as_key="scraper")[0] == 403
+    assert served.request("/sentiment", data=body, headers=json_type)[0] == 200
+    assert served.request("/metrics", as_key=None)[0] == 401
+    assert served.request("/metrics")[0] == 403  # the client's key has no metrics scope
+    assert served.request("/metrics", as_key="scraper")[0] == 200
+
+
+def test_a_changed_key_file_is_in_force_without_a_restart(served, key_file):
+    """What a Secret update does to a pod: the file is replaced in the mounted directory."""
+    server = served.bentoml_serve().pid
+    body = json.dumps({"text": "A fine film."}).encode()
+
+    def status_with(key: str) -> int:
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+        return served.request("/sentiment", data=body, headers=headers, as_key=None)[0]
+
+    def wait_for(key: str, status: int) -> float:
+        """Seconds until ``status`` is the answer five times in a row (every worker)."""
+        changed = time.monotonic()
+        in_a_row = 0
+        while in_a_row < 5:
+            assert time.monotonic() - changed < RELOAD_WAIT_S, f"still not {status}"
+            in_a_row = in_a_row + 1 if status_with(key) == status else 0
+            time.sleep(0.1)
+        return time.monotonic() - changed
+
+    added = key_file.add("rotated", ("infer",))
+    print(f"\nan added key answered 200 after {wait_for(added, 200):.1f} s")
+    key_file.remove("rotated")
+    print(f"a removed key answered 401 after {wait_for(added, 401):.1f} s")
+    assert status_with(key_file.by_name["client"]) == 200
+    assert served.bentoml_serve().pid == server
+
+
 def test_metrics_include_the_batching_and_the_autoscaling_signal(served):
     served.post_json("/sentiment", {"text": "A fine film."})
-    status, _, raw = served.request("/metrics")
+    status, _, raw = served.request("/metrics", as_key="scraper")
     text = raw.decode()
     assert status == 200
-    assert 'serving_batch_size_count{endpoint="sentiment"}' in text
+    assert 'serving_batch_size_count{endpoint="sentiment"' in text  # and its version, if any
     assert in_flight_metric() in text
 
 
@@ -331,6 +459,26 @@ def test_labels_are_identical_to_the_reference_image(served, start, full_test_se
     assert np.array_equal(digits, reference_digits)
     assert np.array_equal(sentiments, reference_sentiments)
     reference.stop()
+
+
+def test_without_its_key_file_the_image_refuses_to_start(image, tmp_path):
+    """A pod without its Secret (or a `podman run` without the mount) must not serve open."""
+    container = Container(image, CONTAINER_ENV, tmp_path / "log", keys=None)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while container.process.poll() is None:
+            assert time.monotonic() < deadline, f"neither stopped nor served:\n{container.log()}"
+            with contextlib.suppress(OSError):
+                status = container.request("/readyz", timeout=2)[0]
+                assert status != 200, f"serving without API keys:\n{container.log()}"
+            time.sleep(0.5)
+        log = container.log()
+        print(f"\nwithout the key file: exit status {container.process.returncode}, "
+              f"{log.strip().splitlines()[-1]}")  # fmt: skip
+        assert container.process.returncode != 0
+        assert "cannot read the API keys" in log and image_keys_file() in log, log
+    finally:
+        container.stop()
 
 
 def test_sigterm_stops_the_server_cleanly_and_frees_the_port(served):
