@@ -165,6 +165,11 @@ class ServiceProcess:
         self._process: subprocess.Popen | None = None
         self._log_file = None
 
+    @property
+    def store(self) -> str | None:
+        """The private model store's directory (``BENTOML_HOME``), while it runs."""
+        return self._store.name if self._store is not None else None
+
     def __enter__(self) -> ServiceProcess:
         self.start()
         return self

@@ -51,6 +51,7 @@ import orjson
 from service.errors import error_body
 from service.http import Reply
 from service.metrics import key_file_read, key_requests
+from service.routes import RouteTable
 
 log = logging.getLogger("service.api_keys")
 
@@ -131,6 +132,22 @@ class ApiKeys:
     def has_scope(self, scope: str) -> bool:
         return any(scope in key.scopes for key in self._keys)
 
+    def name_of(self, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+        """The name of the key a request presents, if it is one in force (for the record
+        of who changed what; the gate has already checked the key's scope)."""
+        found = self._match(_bearer_token(_authorization(headers)))
+        return found.name if found is not None else None
+
+    def _match(self, presented: str | None) -> ApiKey | None:
+        if presented is None:
+            return None
+        presented_digest = digest(presented)
+        found = None
+        for key in self._keys:  # every entry, so that the time does not depend on a match
+            if hmac.compare_digest(presented_digest, key.digest):
+                found = key
+        return found
+
     def verdict(self, authorization: bytes | None, scope: str) -> Verdict:
         """Whether a request with this ``Authorization`` header may use a ``scope`` route."""
         now = self._clock()
@@ -143,11 +160,7 @@ class ApiKeys:
         presented = _bearer_token(authorization)
         if presented is None:
             return Verdict(401, "this route needs an API key: send Authorization: Bearer <key>")
-        presented_digest = digest(presented)
-        found = None
-        for key in self._keys:  # every entry, so that the time does not depend on a match
-            if hmac.compare_digest(presented_digest, key.digest):
-                found = key
+        found = self._match(presented)
         if found is None:
             return Verdict(401, "the API key is not valid")
         if scope not in found.scopes:
@@ -172,28 +185,31 @@ class ApiKeys:
         log.info("API keys: %d in force (%s)", len(keys), ", ".join(k.name for k in keys))
 
 
-# Paths any caller may use with keys on: the probes (BentoML's and the Open Inference
-# Protocol's). The documents and the web page are open too: they are not in the guard.
+# Paths any caller may use with keys on: the probes (BentoML's, and the Open Inference
+# Protocol's, whose routes declare no scope). The documents and the web page are open
+# too: they are not in the guard.
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/v2/health/live", "/v2/health/ready"})
 METRICS_PATH = "/metrics"
 
 
 class RouteGuard:
-    """The gate's check with keys on: the scope each path needs, and the answer to a
-    request without it; an admitted request is counted by its key's name."""
+    """The gate's check with keys on: the scope each path needs (the route table's, and
+    ``metrics`` for ``/metrics``), and the answer to a request without it; an admitted
+    request is counted by its key's name."""
 
-    def __init__(self, keys: ApiKeys, api_paths: Iterable[str]) -> None:
+    def __init__(self, keys: ApiKeys, table: RouteTable) -> None:
         self.keys = keys
-        self.scopes = {path: "infer" for path in api_paths if path not in OPEN_PATHS}
-        self.scopes[METRICS_PATH] = "metrics"
+        self.scopes = {**table.scopes(), METRICS_PATH: "metrics"}
+        self.key_of = table.key_of
         self._counts: dict[tuple[str, str], Any] = {}
 
     def __call__(self, path: str, headers: Iterable[tuple[bytes, bytes]]) -> Reply | None:
         scope = self.scopes.get(path)
         if scope is None:
-            return None
-        authorization = next((value for name, value in headers if name == b"authorization"), None)
-        verdict = self.keys.verdict(authorization, scope)
+            key = self.key_of(path)  # a path naming a model version
+            if key is None or (scope := self.scopes.get(key)) is None:
+                return None
+        verdict = self.keys.verdict(_authorization(headers), scope)
         if verdict.status is None:
             self._count(verdict.key_name or "", scope)
             return None
@@ -207,6 +223,10 @@ class RouteGuard:
         if child is None:
             child = self._counts[(name, scope)] = key_requests().labels(name, scope)
         child.inc()
+
+
+def _authorization(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    return next((value for name, value in headers if name == b"authorization"), None)
 
 
 def _bearer_token(authorization: bytes | None) -> str | None:

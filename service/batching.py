@@ -123,6 +123,16 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         """No request can be queued now (``submit`` would raise ``QueueFull``)."""
         return self._queued_items >= self.max_queue_items
 
+    def close(self) -> None:
+        """Stop for good, once no request waits (a model version taken out of service):
+        its consumer ends and its threads exit, so the model it holds can be freed."""
+        for task in (self._consumer, self._model_call):
+            if task is not None and not task.done():
+                task.cancel()
+        self._executor.shutdown(wait=False)
+        if self._prepare_executor is not None:
+            self._prepare_executor.shutdown(wait=False)
+
     async def submit(self, items: Sequence[ItemT]) -> list[ResultT]:
         """Queue one request's items; return their results in the same order."""
         if not items:

@@ -20,7 +20,6 @@ loads its models once, at start-up. Nothing happens at import.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import bentoml
 import yaml
 
 from models.registry import REGISTRY, ModelSpec, get_spec
-from service import framework_hooks, openapi, v2_routes
+from service import framework_hooks, openapi, rollouts, v2_routes
 from service.api_keys import ApiKeys, RouteGuard
 from service.app import ServingApp, placement
 from service.backends import check_placement, resolve_device
@@ -42,16 +41,15 @@ from service.webpage import PAGE_PATH, page_app
 SERVICE_NAME = "digit-sentiment-serving"
 
 
-def route_table(
-    specs: list[ModelSpec], settings: Settings, versions: Mapping[str, str]
-) -> RouteTable:
+def route_table(specs: list[ModelSpec], settings: Settings, admin: bool = False) -> RouteTable:
     """Every API route of the served models, from their specs: each task's own routes,
-    then the Open Inference Protocol's (``versions``: model store version by endpoint)."""
+    the Open Inference Protocol's and, with ``admin``, model management's."""
     native = [route for spec in specs for route in task_kind(spec).routes(spec, settings.limits)]
     protocol = v2_routes.server_routes() + [
-        route for spec in specs for route in v2_routes.model_routes(spec, versions[spec.endpoint])
+        route for spec in specs for route in v2_routes.model_routes(spec)
     ]
-    return RouteTable(native + protocol)
+    management = rollouts.admin_routes(specs) if admin else []
+    return RouteTable(native + protocol + management)
 
 
 class RoutedService(bentoml.Service):
@@ -95,8 +93,11 @@ def build_service(settings: Settings) -> bentoml.Service:
     """The service for these settings: its models, routes, web page and configuration."""
     tags = served_model_tags({key: model.tag for key, model in settings.models.items()})
     check_store_entries(tags.values())
-    versions = {key: tag.partition(":")[2] for key, tag in tags.items()}
-    table = route_table(list(REGISTRY.values()), settings, versions)
+    keys = ApiKeys(Path(settings.api_keys_file)) if settings.api_keys_file else None
+    # Model management exists only where a key may use it.
+    admin = keys is not None and keys.has_scope("admin")
+    table = route_table(list(REGISTRY.values()), settings, admin)
+    state = rollouts.StateStore(Path(settings.state_dir or rollouts.default_state_dir()))
     framework_hooks.install(settings, api_routes=table)
     yaml.add_representer(OpenApiDocument, _document_as_yaml)
 
@@ -117,8 +118,17 @@ def build_service(settings: Settings) -> bentoml.Service:
         def __init__(self) -> None:
             _configure_logging(settings.log_level)
             framework_hooks.check()
-            stored = {key: getattr(self, _attribute(key)) for key in tags}
+            configured = {key: getattr(self, _attribute(key)) for key in tags}
+            names = {key: get_spec(settings.models[key].registry_name).name for key in tags}
+            stored = rollouts.startup_models(state, configured, names)
             self.app = ServingApp(settings, table, stored)
+            self.app.rollouts = rollouts.Rollouts(
+                self.app,
+                state,
+                {key: tag.partition(":")[2] for key, tag in tags.items()},
+                settings.workers,
+                keys.name_of if keys is not None else lambda headers: None,
+            )
 
         @bentoml.on_deployment
         def check_configuration() -> None:
@@ -134,6 +144,12 @@ def build_service(settings: Settings) -> bentoml.Service:
                                 placement(settings, key, device))  # fmt: skip
 
         @bentoml.on_startup
+        async def start_rollouts(self) -> None:
+            """Apply the rollout state (a canary it names) and watch it, on this worker's
+            event loop."""
+            await self.app.rollouts.start()
+
+        @bentoml.on_startup
         async def start_grpc(self) -> None:
             """The Open Inference Protocol over gRPC, on this worker's event loop (so on
             its batchers), once its models are loaded."""
@@ -141,15 +157,15 @@ def build_service(settings: Settings) -> bentoml.Service:
             if settings.grpc_port is not None:
                 from service.v2_grpc import GrpcServer
 
-                tasks = {task.spec.name: task for task in self.app.tasks.values()}
+                models = {slot.serving.spec.name: slot for slot in self.app.models.values()}
                 limit = settings.limits.max_body_bytes
-                keys = guard.keys if guard is not None else None
-                self.grpc = GrpcServer(tasks, self.app.requests, keys, settings.grpc_port, limit)
+                self.grpc = GrpcServer(models, self.app.requests, keys, settings.grpc_port, limit)
                 await self.grpc.start()
 
         @bentoml.on_shutdown
         async def stop_grpc(self) -> None:
             """After the HTTP server has drained: the calls in flight get as long again."""
+            await self.app.rollouts.stop()
             if self.grpc is not None:
                 await self.grpc.stop(settings.connections.drain_s)
 
@@ -169,14 +185,12 @@ def build_service(settings: Settings) -> bentoml.Service:
         logging={"access": {"enabled": settings.access_log}},
         **({} if settings.tracing else {"tracing": {"excluded_urls": list(table)}}),
     )(bentoml.asgi_app(page_app(), path=PAGE_PATH)(ServingService))
-    guard = None
-    if settings.api_keys_file:
-        guard = RouteGuard(ApiKeys(Path(settings.api_keys_file)), table)
     service.add_asgi_middleware(
         ApiGate,
         routes=table.gate_routes(),
         unknown=table.unknown,
-        authorize=guard,
+        key_of=table.key_of,
+        authorize=RouteGuard(keys, table) if keys is not None else None,
         max_body_bytes=settings.limits.max_body_bytes,
         handler=bentoml.get_current_service,
     )

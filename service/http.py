@@ -188,6 +188,7 @@ class ApiGate:
         max_body_bytes: int,
         handler: Callable[[], ApiHandler],
         unknown: Callable[[str], Reply | None] = lambda path: None,
+        key_of: Callable[[str], str | None] = lambda path: None,
         authorize: Callable[[str, Headers], Reply | None] | None = None,
         in_flight: InFlight = IN_FLIGHT,
         disconnects: DisconnectLog | None = None,
@@ -195,6 +196,9 @@ class ApiGate:
         self.app = app
         self.routes = dict(routes)
         self.unknown = unknown
+        # A path that is not itself a key of ``routes`` → the key of the route that
+        # answers it (a path naming a model version), or None.
+        self.key_of = key_of
         # With API keys: path and headers → the refusal of a request without the right
         # key (401, 403), or None; the first thing checked, on every path it guards.
         self.authorize = authorize
@@ -213,17 +217,27 @@ class ApiGate:
         ):
             await send_reply(send, refusal)
             return
-        if scope["type"] != "http" or (route := self.routes.get(scope["path"])) is None:
-            if scope["type"] == "http" and (reply := self.unknown(scope["path"])) is not None:
-                await send_reply(send, reply)
-                return
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
+        path = key = scope["path"]
+        if (route := self.routes.get(path)) is None:
+            if (key := self.key_of(path)) is not None:
+                route = self.routes[key]
+            elif (reply := self.unknown(path)) is not None:
+                await send_reply(send, reply)
+                return
+            else:
+                await self.app(scope, receive, send)
+                return
         if scope["method"] != route.method:
             await _reject(send, 405, "method_not_allowed",
                           f"{path} accepts {route.method} requests only", ("method",),
                           {"Allow": route.method})  # fmt: skip
+            return
+        handler = self.handler()
+        if (refusal := handler.refusal(path)) is not None:
+            await send_reply(send, refusal)  # the body is never read: uvicorn discards it
             return
         content_type, content_length = _body_headers(scope["headers"])
         media_type, problem = "", None
@@ -236,11 +250,7 @@ class ApiGate:
         if content_length is not None and content_length > self.max_body_bytes:
             await self._too_large(send)
             return
-        handler = self.handler()
-        if (refusal := handler.refusal(path)) is not None:
-            await send_reply(send, refusal)  # the body is never read: uvicorn discards it
-            return
-        self.in_flight.enter(path)
+        self.in_flight.enter(key)
         try:
             body = await _read_within(receive, self.max_body_bytes)
             if body is None:
@@ -258,7 +268,7 @@ class ApiGate:
                     reply = CLIENT_GONE
             await send_reply(send, reply)
         finally:
-            self.in_flight.leave(path)
+            self.in_flight.leave(key)
 
     async def _answer_while_connected(
         self, handler: ApiHandler, receive: Any, path: str, *request: Any

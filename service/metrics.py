@@ -1,18 +1,20 @@
 """The service's own Prometheus metrics, next to BentoML's on ``/metrics``.
 
-* ``serving_batch_size{endpoint}``: items (images, texts, latent vectors) per model call;
-* ``serving_requests_total{protocol, endpoint, code}``: every API request the
+* ``serving_batch_size{endpoint, version}``: items (images, texts, latent vectors) per
+  model call;
+* ``serving_requests_total{protocol, endpoint, version, code}``: every API request the
   service answered, by the protocol it came in by (``native`` REST, ``v2`` REST,
-  ``v2-grpc``), the model it was for (``server`` for the protocol's own routes) and
-  the HTTP status or gRPC code of its answer;
+  ``v2-grpc``, ``admin``), the model it was for (``server`` for the protocol's own
+  routes and management), the model store version that answered it (empty where
+  none did) and the HTTP status or gRPC code of its answer;
 * ``serving_key_requests_total{key, scope}``: with API keys on, the requests each key
   (by its name) was admitted for;
-* ``serving_model_seconds{endpoint}``: wall time inside the model call itself (the
+* ``serving_model_seconds{endpoint, version}``: wall time inside the model call itself (the
   predictor, without preprocessing or decoding), per model call. Its ``_sum``
   against the server's CPU time tells how much of a request's cost is the model
   and how much is everything around it (``bench/run.py`` reports both).
 
-Each endpoint's histogram children are looked up once, at start-up: an
+Each model version's histogram children are looked up once, when it is loaded: an
 observation on the hot path is one method call, not a label lookup.
 
 ``use_instance_folder`` gives each running service its own Prometheus
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,16 +44,13 @@ class EndpointMetrics:
     observe_model_seconds: Callable[[float], None]
 
 
-def endpoint_metrics(endpoints: Iterable[str]) -> dict[str, EndpointMetrics]:
-    """One ``EndpointMetrics`` per endpoint, bound to this process's histograms."""
+def model_metrics(endpoint: str, version: str) -> EndpointMetrics:
+    """The observers of one model version, bound to this process's histograms."""
     batch_size, model_seconds = _families()
-    return {
-        endpoint: EndpointMetrics(
-            observe_batch_size=batch_size.labels(endpoint=endpoint).observe,
-            observe_model_seconds=model_seconds.labels(endpoint=endpoint).observe,
-        )
-        for endpoint in endpoints
-    }
+    return EndpointMetrics(
+        observe_batch_size=batch_size.labels(endpoint, version).observe,
+        observe_model_seconds=model_seconds.labels(endpoint, version).observe,
+    )
 
 
 def _families() -> tuple[Any, Any]:
@@ -66,19 +65,20 @@ def _families() -> tuple[Any, Any]:
         _FAMILIES["batch_size"] = prometheus_client.Histogram(
             "serving_batch_size",
             "Items (images, texts, latent vectors) per model call",
-            ["endpoint"],
+            ["endpoint", "version"],
             buckets=BATCH_SIZE_BUCKETS,
         )
         _FAMILIES["model_seconds"] = prometheus_client.Histogram(
             "serving_model_seconds",
             "Seconds spent inside the model per call (no preprocessing or decoding)",
-            ["endpoint"],
+            ["endpoint", "version"],
             buckets=MODEL_SECONDS_BUCKETS,
         )
         _FAMILIES["requests"] = prometheus_client.Counter(
             "serving_requests",
-            "API requests answered, by protocol, model and status (HTTP) or code (gRPC)",
-            ["protocol", "endpoint", "code"],
+            "API requests answered, by protocol, model, model version and status (HTTP) "
+            "or code (gRPC)",
+            ["protocol", "endpoint", "version", "code"],
         )
     return _FAMILIES["batch_size"], _FAMILIES["model_seconds"]
 
@@ -111,16 +111,18 @@ def key_file_read() -> Any:
 
 
 class RequestCounts:
-    """``serving_requests_total``, with each (protocol, endpoint, code) child looked up
-    once: counting a request is one increment."""
+    """``serving_requests_total``, with each (protocol, endpoint, version, code) child
+    looked up once: counting a request is one increment."""
 
     def __init__(self) -> None:
         _families()
         self._family = _FAMILIES["requests"]
-        self._children: dict[tuple[str, str, str], Any] = {}
+        self._children: dict[tuple[str, str, str, str], Any] = {}
 
-    def count(self, protocol: str, endpoint: str | None, code: int | str) -> None:
-        key = (protocol, endpoint or "server", str(code))
+    def count(
+        self, protocol: str, endpoint: str | None, code: int | str, version: str = ""
+    ) -> None:
+        key = (protocol, endpoint or "server", version, str(code))
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = self._family.labels(*key)

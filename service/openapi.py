@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from service.http import IMAGE_TYPES, JSON, MULTIPART, PNG
-from service.routes import Route, RouteTable
+from service.routes import VERSION, Route, RouteTable
 
 REF = "#/components/schemas/{model}"
 ERROR_SCHEMA = "ServiceError"
@@ -106,15 +106,30 @@ def client_routes(table: RouteTable) -> list[dict[str, Any]]:
     ]
 
 
+# The statuses of the management routes (``service.rollouts``), in the service's error shape.
+ADMIN_ERROR_STATUSES = {
+    400: "A malformed body: the error says which field and why.",
+    401: "No API key, or one not in force.",
+    403: "The key has no admin scope.",
+    404: "No such model.",
+    409: "The change does not fit the model's state (a canary running, nothing to roll back).",
+    422: "The version failed a check (its type names it: store, checksums, load, "
+    "example_output, warm_up); the serving version goes on serving.",
+}
+TAGS = {"native": TAG, "v2": "Open Inference Protocol (v2)", "admin": "Model management"}
+
+
 def _operation(route: Route) -> dict:
     statuses, error = ERROR_STATUSES, ERROR_SCHEMA
     if route.protocol == "v2":
         statuses, error = V2_ERROR_STATUSES, "V2Error"
+    elif route.protocol == "admin":
+        statuses = ADMIN_ERROR_STATUSES
     operation = {
         "summary": route.summary,
         "description": route.description,
         "operationId": route.name,
-        "tags": [TAG if route.protocol == "native" else "Open Inference Protocol (v2)"],
+        "tags": [TAGS[route.protocol]],
         "responses": {
             "200": {"description": "The answer.", "content": _response_content(route)},
             **{
@@ -126,6 +141,12 @@ def _operation(route: Route) -> dict:
             },
         },
     }
+    if VERSION in route.path:
+        operation["parameters"] = [{
+            "name": "version", "in": "path", "required": True, "schema": {"type": "string"},
+            "description": "A model store version this server serves: the serving one, or a "
+            "canary's",
+        }]  # fmt: skip
     if route.method == "POST":
         operation["requestBody"] = {"required": True, "content": _request_content(route)}
     return operation

@@ -23,6 +23,10 @@ from service.http import IMAGE_TYPES, JSON, MULTIPART, GateRoute, Headers, Reply
 from service.requests import form_files, parse_form, parse_json
 
 V2_PREFIX = "/v2/"
+# The version segment of a route that serves any version of its model
+# (``/v2/models/<name>/versions/{version}/infer``): the versions a worker serves change
+# while it runs (``service.rollouts``), so they are matched, not declared.
+VERSION = "{version}"
 
 # Form parts one request may carry beyond its files: a few other fields.
 EXTRA_FORM_PARTS = 16
@@ -49,7 +53,12 @@ class Route:
     # (the model's task, or the service, and the decoded request) → the answer
     answer: Callable[[Any, Any], Awaitable[Reply]]
     method: str = "POST"  # GET: no body
-    protocol: str = "native"  # or "v2": the Open Inference Protocol (service.v2)
+    # "native", "v2" (the Open Inference Protocol, service.v2) or "admin" (model
+    # management, service.rollouts)
+    protocol: str = "native"
+    # With API keys on, what a key needs to call it (service.api_keys): "infer" for the
+    # prediction routes in every protocol, "admin" for management; None: open.
+    scope: str | None = "infer"
     json_body: type[BaseModel] | None = None  # a JSON body validated by this schema
     files: tuple[FileField, ...] = ()  # or a multipart body with these fields
     raw_image: bool = False  # the one file may also be the whole body (image/png, ...)
@@ -119,6 +128,23 @@ class RouteTable(Mapping[str, Route]):
     def __getitem__(self, path: str) -> Route:
         return self._routes[path]
 
+    def find(self, path: str) -> tuple[Route, str | None]:
+        """The route that answers a request path, and the model version the path names
+        (None where it names none); raises ``KeyError`` for a path that is no route."""
+        route = self._routes.get(path)
+        if route is not None:
+            return route, None
+        key, version = versioned_key(path)
+        if key is None:
+            raise KeyError(path)
+        return self._routes[key], version
+
+    def key_of(self, path: str) -> str | None:
+        """The table's key for a request path that is not itself one (a path naming a model
+        version), if any."""
+        key, _ = versioned_key(path)
+        return key if key in self._routes else None
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._routes)
 
@@ -135,9 +161,22 @@ class RouteTable(Mapping[str, Route]):
         """The routes whose requests wait in ``endpoint``'s batcher queue."""
         return tuple(path for path, route in self._routes.items() if route.queue == endpoint)
 
+    def scopes(self) -> dict[str, str]:
+        """Path → the API key scope it needs, for the routes that need one."""
+        return {path: route.scope for path, route in self._routes.items() if route.scope}
+
     def unknown(self, path: str) -> Reply | None:
         """A protocol's own 404 for a path under its prefix that is no route (an unknown
         model or version); None elsewhere (BentoML answers)."""
         if path.startswith(V2_PREFIX):
             return Reply(404, v2.error_body(f"no such model, version or route: {path}"))
         return None
+
+
+def versioned_key(path: str) -> tuple[str | None, str | None]:
+    """``/v2/models/<name>/versions/<version>[/...]`` → (the route key with ``{version}``,
+    the version); (None, None) for any other path."""
+    parts = path.split("/")
+    if len(parts) < 6 or parts[1:3] != ["v2", "models"] or parts[4] != "versions" or not parts[5]:
+        return None, None
+    return "/".join([*parts[:5], VERSION, *parts[6:]]), parts[5]

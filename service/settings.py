@@ -159,6 +159,10 @@ DECLARED: tuple[Setting, ...] = (
     Setting("API_KEYS_FILE", "text", None, "API keys and their scopes (service.api_keys); "
             "the prediction routes and /metrics then need a key, probes stay open; edits take "
             "effect within a second", AUTH, default_doc="unset: no keys, every route open"),
+    Setting("STATE_DIR", "text", None, "where the service keeps which model versions serve "
+            "(service.rollouts): a version activated through /admin/models survives a "
+            "restart, overriding the configured one until reset", MODELS,
+            default_doc="`$BENTOML_HOME/serving-state`"),
     Setting("GRPC_PORT", "int", None, "each worker also serves the Open Inference Protocol "
             "over gRPC on this port (all workers share it)", PROTOCOLS, minimum=1,
             default_doc="unset: HTTP only"),
@@ -224,6 +228,7 @@ class Settings:
     request_timeout_s: float
     grpc_port: int | None
     api_keys_file: str | None
+    state_dir: str | None
     log_level: str
     access_log: bool
     tracing: bool

@@ -82,6 +82,9 @@ class Task:
         self.spec = spec
         self.limits = limits
         self.batcher: AdaptiveBatcher[Any, Any]  # set by the service once it is built
+        # Requests this version has admitted and not yet answered: a version taken out of
+        # service stops only when none is left (``service.rollouts``).
+        self.requests_in_progress = 0
 
     def run_batch(self, items: list[Any]) -> list[Any]:
         raise NotImplementedError

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from importlib.metadata import version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
@@ -28,6 +28,9 @@ from service.api_keys import ApiKeys
 from service.errors import RequestError, ServiceBusy
 from service.metrics import RequestCounts
 from service.tasks import Task
+
+if TYPE_CHECKING:
+    from service.app import ModelSlot
 from service.v2_routes import EXTENSIONS, SERVER_NAME
 
 log = logging.getLogger(__name__)
@@ -44,13 +47,13 @@ PROTOCOL = "v2-grpc"  # its label in serving_requests_total
 
 
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """The v2 gRPC service over one worker's tasks (model name → task); the methods
+    """The v2 gRPC service over one worker's models (model name → its versions); the methods
     carry the protocol's names."""
 
     def __init__(
-        self, tasks: Mapping[str, Task], requests: RequestCounts, keys: ApiKeys | None
+        self, models: Mapping[str, ModelSlot], requests: RequestCounts, keys: ApiKeys | None
     ) -> None:
-        self.tasks = dict(tasks)
+        self.models = dict(models)
         self.requests = requests
         self.keys = keys
 
@@ -85,15 +88,17 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         await self._authorize(context)
-        task = await self._task(request.model_name, request.model_version, context)
+        task = await self._task(request.model_name, request.model_version, context, pick=True)
         code = "OK"
+        task.requests_in_progress += 1
         try:
             return await self._infer(task, request, context)
         except grpc.aio.AbortError:
             code = context.code().name if context.code() else "UNKNOWN"
             raise
         finally:
-            self.requests.count(PROTOCOL, task.spec.endpoint, code)
+            task.requests_in_progress -= 1
+            self.requests.count(PROTOCOL, task.spec.endpoint, code, task.version)
 
     async def _infer(self, task: Task, request: Any, context: Any) -> Any:
         try:
@@ -138,9 +143,17 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         if verdict.status == 403:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, verdict.message)
 
-    async def _task(self, name: str, model_version: str, context: Any) -> Task:
-        task = self.tasks.get(name)
-        if task is None or model_version not in ("", task.version):
+    async def _task(self, name: str, model_version: str, context: Any, pick: bool = False) -> Task:
+        """The version that answers: the one named, else (``pick``: an inference) the serving
+        version or a canary, as for REST."""
+        slot = self.models.get(name)
+        task = None
+        if slot is not None:
+            if model_version:
+                task = slot.find(model_version)
+            else:
+                task = slot.pick() if pick else slot.serving
+        if task is None:
             which = f"{name} {model_version}".strip()
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no such model or version: {which}")
         return task
@@ -201,7 +214,7 @@ class GrpcServer:
 
     def __init__(
         self,
-        tasks: Mapping[str, Task],
+        models: Mapping[str, ModelSlot],
         requests: RequestCounts,
         keys: ApiKeys | None,
         port: int,
@@ -215,7 +228,7 @@ class GrpcServer:
         ]
         self.server = grpc.aio.server(options=options)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(tasks, requests, keys), self.server
+            InferenceService(models, requests, keys), self.server
         )
         self.port = self.server.add_insecure_port(f"0.0.0.0:{port}")
         if self.port == 0:

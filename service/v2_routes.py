@@ -22,7 +22,7 @@ from typing import Any
 from models.registry import ModelSpec
 from service import v2
 from service.http import JSON, Headers, Reply
-from service.routes import Route
+from service.routes import VERSION, Route
 
 SERVER_NAME = "digit-sentiment-serving"
 OCTET_STREAM = "application/octet-stream"
@@ -137,20 +137,20 @@ def server_routes() -> list[Route]:
               method="GET", protocol="v2", documents=_document("V2ServerMetadata")),
         Route("/v2/health/live", "v2_server_live", None, "Server live (Open Inference Protocol)",
               "200 while the server runs.", answer=_live, method="GET", protocol="v2",
-              documents=_document("V2ServerLive")),
+              scope=None, documents=_document("V2ServerLive")),
         Route("/v2/health/ready", "v2_server_ready", None,
               "Server ready (Open Inference Protocol)",
               "200 once every model is loaded (a worker answers only then).", answer=_ready,
-              method="GET", protocol="v2", documents=_document("V2ServerReady")),
+              method="GET", protocol="v2", scope=None, documents=_document("V2ServerReady")),
     ]  # fmt: skip
 
 
-def model_routes(spec: ModelSpec, model_version: str) -> list[Route]:
-    """The metadata, health and inference routes of one model, with and without its
-    version in the path."""
+def model_routes(spec: ModelSpec) -> list[Route]:
+    """The metadata, health and inference routes of one model, with and without a
+    version in the path (any version the worker serves: ``RouteTable.find``)."""
     routes = []
     unversioned = f"/v2/models/{spec.name}"
-    versioned = f"{unversioned}/versions/{model_version}"
+    versioned = f"{unversioned}/versions/{VERSION}"
     for base, suffix in ((unversioned, ""), (versioned, "_version")):
         name = f"v2_{spec.endpoint}"
         routes += [

@@ -31,11 +31,13 @@ from collections.abc import Sequence
 from urllib.parse import urlparse
 
 import aiohttp
+import numpy as np
 import psutil
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import REPO_ROOT
 from tests.service_payloads import encode, multipart
 
 MAX_ITEMS = 16
@@ -109,11 +111,23 @@ def test_health_metrics_and_openapi(server):
         assert "curl" in operation["description"], route
     assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
     assert "A gripping, beautifully acted film." in json.dumps(spec)
+    png = encode(np.zeros((28, 28), np.uint8), "PNG")
+    assert server.request("/classify", data=png, headers={"Content-Type": "image/png"})[0] == 200
     status, _, raw = server.request("/metrics")
     assert status == 200
     text = raw.decode()
     assert "serving_batch_size_bucket" in text
-    assert 'serving_model_seconds_sum{endpoint="classify"}' in text
+    pinned = json.loads((REPO_ROOT / "models" / "served_models.json").read_text())
+    version = pinned["mnist-cnn"].partition(":")[2]
+    # The service's own metrics carry the model version that answered.
+    assert f'serving_model_seconds_sum{{endpoint="classify",version="{version}"}}' in text
+    answered = {
+        (sample.labels["endpoint"], sample.labels["version"], sample.labels["code"])
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "serving_requests_total"
+    }
+    assert ("classify", version, "200") in answered
     for route in ("/classify", "/sentiment", "/generate"):
         assert f'endpoint="{route}"' in text, route  # BentoML's per-endpoint request metrics
 

@@ -13,6 +13,16 @@ Registering the released artifacts (``models/artifacts/``, the default) also pin
 their tags as the versions the service serves, in ``models/served_models.json``;
 artifacts from elsewhere are pinned only with ``--pin``.
 
+``--activate URL`` then asks a running service that reads the same model store to
+serve the registered versions, so that the export pipeline can end in a rollout::
+
+    SERVING_API_KEY=<a key with the admin scope> \
+        python -m training.register --model mnist-cnn --artifacts-dir /tmp/run \
+        --activate http://localhost:3000 [--canary 10]
+
+The service loads and checks each version before it serves it (``service.rollouts``);
+a refusal is printed with the check that failed, and the exit status is 1.
+
 The store entry's metadata summarises the artifact's metadata.json: metrics,
 the test-split evaluation, ONNX signature and files, parity figures, the kept
 variants, the sha256 of every file and the framework versions that made it.
@@ -21,10 +31,15 @@ variants, the sha256 of every file and the framework versions that made it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import os
 import platform
 import shutil
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -180,9 +195,57 @@ def register_all(names: list[str] | None = None, root: Path | None = None) -> li
     return tags
 
 
+# The admin key for --activate: from the environment, so that it is in no command line.
+API_KEY_VARIABLE = "SERVING_API_KEY"
+ACTIVATE_TIMEOUT_S = 120.0
+
+
+class ActivationError(RuntimeError):
+    """The service refused or did not answer; the message says why."""
+
+
+def activate(url: str, tag: bentoml.Tag, canary_percent: float | None = None) -> dict[str, Any]:
+    """Ask the service at ``url`` to serve ``tag`` (or to send it ``canary_percent`` of the
+    requests); returns the model's status as the service answers it."""
+    body: dict[str, Any] = {"version": tag.version}
+    if canary_percent is not None:
+        body["canary_percent"] = canary_percent
+    headers = {"Content-Type": "application/json"}
+    if key := os.environ.get(API_KEY_VARIABLE):
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/admin/models/{tag.name}/activate",
+        data=json.dumps(body).encode(),
+        headers=headers,
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=ACTIVATE_TIMEOUT_S) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            detail = json.loads(detail)["error"]
+        raise ActivationError(f"{tag}: {error.code} {detail}") from None
+    except (urllib.error.URLError, TimeoutError) as error:
+        raise ActivationError(f"{tag}: {url} did not answer ({error})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_selection_arguments(parser, "register")
+    parser.add_argument(
+        "--activate",
+        metavar="URL",
+        help="then ask the service at URL to serve the registered versions (an admin key "
+        f"in ${API_KEY_VARIABLE})",
+    )
+    parser.add_argument(
+        "--canary",
+        type=float,
+        metavar="PERCENT",
+        help="with --activate: start each version as a canary with this share of the requests",
+    )
     parser.add_argument(
         "--pin",
         action=argparse.BooleanOptionalAction,
@@ -203,6 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     pin = args.pin if args.pin is not None else is_release_root(args.artifacts_dir)
     if pin and pin_served_tags(str(tag) for tag in tags):
         print(f"pinned as served: {SERVED_MODELS_FILE}")
+    if args.activate:
+        for tag in tags:
+            try:
+                status = activate(args.activate, tag, args.canary)
+            except ActivationError as error:
+                print(f"register: activation refused: {error}", file=sys.stderr)
+                return 1
+            canary = status.get("canary")
+            split = f", canary {canary['version']} at {canary['percent']:g} %" if canary else ""
+            print(f"{tag.name}: serving {status['serving']}{split} in "
+                  f"{len(status['workers'])} worker(s)")  # fmt: skip
     return 0
 
 
