@@ -248,8 +248,36 @@ def measure(data_dir: Path, repeat: int) -> list[tuple[str, float, float]]:
             per_call_us(lambda i: encode_png(grid_pixels), repeat),
         )
     )
+    rows.append(api_key_row(repeat))
     rows.append(generator_row(max(3, repeat // 100)))
     return rows
+
+
+def api_key_row(repeat: int) -> tuple[str, float, float]:
+    """What turning API keys on adds to a request: the gate's check of its bearer key
+    against a file of ten keys (hash, a constant-time compare with each, the count by
+    key name), keys off being no check at all. The target is at most 20 µs."""
+    from models.registry import REGISTRY
+    from service.api_keys import ApiKeys, RouteGuard, new_key_line
+    from service.bento import route_table
+
+    lines, keys = [], []
+    for index in range(10):
+        key, line = new_key_line(f"client-{index}", ["infer"])
+        keys.append(key)
+        lines.append(line)
+    with tempfile.NamedTemporaryFile("w", suffix=".keys", delete=False) as file:
+        file.write("\n".join(lines) + "\n")
+    table = route_table(list(REGISTRY.values()), Settings.from_env({}), admin=True)
+    guard = RouteGuard(ApiKeys(Path(file.name)), table)
+    headers = [[(b"content-type", b"image/png"), (b"authorization", f"Bearer {key}".encode())]
+               for key in keys]  # fmt: skip
+    assert guard("/classify", headers[0]) is None  # admitted
+    return (
+        "API keys on: the key check of one request (10 keys in the file)",
+        0.0,
+        per_call_us(lambda i: guard("/classify", headers[i % len(headers)]), repeat),
+    )
 
 
 def generator_row(repeat: int) -> tuple[str, float, float]:

@@ -132,6 +132,9 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         self._executor.shutdown(wait=False)
         if self._prepare_executor is not None:
             self._prepare_executor.shutdown(wait=False)
+        # The model's bound methods hold its task, which holds this batcher: without the
+        # cycle, the version is freed as soon as the slot lets go of it.
+        self._run_batch = self._prepare_batch = self._observe_batch = None  # type: ignore[assignment]
 
     async def submit(self, items: Sequence[ItemT]) -> list[ResultT]:
         """Queue one request's items; return their results in the same order."""

@@ -111,10 +111,11 @@ ADMIN_ERROR_STATUSES = {
     400: "A malformed body: the error says which field and why.",
     401: "No API key, or one not in force.",
     403: "The key has no admin scope.",
-    404: "No such model.",
+    404: "No such model, or no such version of it in the model store (type store).",
     409: "The change does not fit the model's state (a canary running, nothing to roll back).",
-    422: "The version failed a check (its type names it: store, checksums, load, "
-    "example_output, warm_up); the serving version goes on serving.",
+    422: "The version failed a check (its type names it: checksums, load, example_output, "
+    "warm_up); the serving version goes on serving.",
+    503: "The state directory cannot be written (type state_not_writable).",
 }
 TAGS = {"native": TAG, "v2": "Open Inference Protocol (v2)", "admin": "Model management"}
 

@@ -83,8 +83,8 @@ SWITCH_WAIT_S = 60.0
 # How often a version taken out of service looks whether its last request is answered.
 RETIRE_POLL_S = 0.05
 ADMIN_PREFIX = "/admin/models"
-# A model store version as this service writes them (16 hex digits) or BentoML does.
-VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# A model store version as BentoML accepts them (this service's are 16 hex digits).
+VERSION_PATTERN = r"^[a-z0-9]([a-z0-9_.-]{0,62}[a-z0-9])?$"
 
 
 class Activation(BaseModel):
@@ -158,7 +158,11 @@ class StateStore:
         self.directory = directory
         self.path = directory / STATE_FILE
         self.workers = directory / WORKERS_DIR
-        self.workers.mkdir(parents=True, exist_ok=True)
+        try:
+            self.workers.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # serve anyway; a change will say why it cannot be kept
+            log.error("the state directory %s cannot be made (%s): model versions cannot be "
+                      "changed while the service runs", directory, error)  # fmt: skip
 
     def read(self) -> tuple[int, dict[str, dict[str, Any]]]:
         """(generation, model name → its entry); generation 0 and none without a file."""
@@ -178,15 +182,24 @@ class StateStore:
     def update(self, change: Callable[[dict[str, dict[str, Any]]], None]) -> int:
         """Apply ``change`` to the models' entries under the lock; write the new state
         atomically, under the next generation, and return that generation."""
-        with self._locked():
-            generation, models = self.read()
-            change(models)
-            generation += 1
-            _write_atomically(self.path, {"generation": generation, "models": models})
+        try:
+            with self._locked():
+                generation, models = self.read()
+                change(models)
+                generation += 1
+                _write_atomically(self.path, {"generation": generation, "models": models})
+        except OSError as error:
+            raise RequestError.single(
+                "state_not_writable", f"the state directory cannot be written: {error}",
+                status=503,
+            ) from None  # fmt: skip
         return generation
 
     def report(self, pid: int, report: Mapping[str, Any]) -> None:
-        _write_atomically(self.workers / f"{pid}.json", report)
+        try:
+            _write_atomically(self.workers / f"{pid}.json", report)
+        except OSError as error:
+            log.error("cannot report this worker's models in %s: %s", self.workers, error)
 
     def reports(self) -> list[dict[str, Any]]:
         """The reports of the workers that are running; those of others are removed."""
@@ -434,7 +447,7 @@ class Rollouts:
         name = model_spec(key).name
         try:
             entry = bentoml.models.get(f"{name}:{version}")
-        except bentoml.exceptions.NotFound:
+        except (bentoml.exceptions.BentoMLException, ValueError):  # none, or no valid tag
             raise VersionRefused("store", f"the model store has no {name}:{version}") from None
         started = time.perf_counter()
         task = self.app.load_version(key, entry, check=True)
