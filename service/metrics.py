@@ -150,14 +150,14 @@ def use_instance_folder() -> Path | None:
 
     root = Path(BentoMLContainer.bentoml_home.get()) / "prometheus"
     for stale in root.glob("*"):
-        if stale.name.isdigit() and not _process_exists(int(stale.name)):
+        if stale.name.isdigit() and not process_exists(int(stale.name)):
             shutil.rmtree(stale, ignore_errors=True)
     folder = root / str(os.getpid())
     BentoMLContainer.prometheus_multiproc_dir.set(str(folder))
     return folder
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

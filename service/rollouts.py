@@ -68,6 +68,7 @@ from models.registry import ModelSpec
 from service.app import ServingApp, StoredModel, VersionRefused
 from service.errors import RequestError
 from service.http import JSON, Headers, Reply
+from service.metrics import process_exists
 from service.model_store import load_stored_artifact
 from service.requests import parse_json
 from service.routes import Route
@@ -207,7 +208,7 @@ class StateStore:
         for path in sorted(self.workers.glob("*.json")):
             if not path.stem.isdigit():
                 continue
-            if not _process_exists(int(path.stem)):
+            if not process_exists(int(path.stem)):
                 path.unlink(missing_ok=True)
                 continue
             with contextlib.suppress(FileNotFoundError, ValueError):
@@ -596,16 +597,6 @@ def _write_atomically(path: Path, value: Any) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_bytes(orjson.dumps(value, option=orjson.OPT_INDENT_2))
     os.replace(temporary, path)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # The management routes, as route table entries.

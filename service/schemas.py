@@ -18,6 +18,14 @@ from service.settings import Limits
 MAX_SEED = 2**63 - 1
 EXAMPLE_TEXTS = ["A gripping, beautifully acted film.", "Dull and far too long."]
 
+# The model store version that answered: in every single answer's JSON (a list answer
+# has no room for it; every answer carries it in the X-Model-Version header).
+ModelVersion = Annotated[
+    str | None,
+    Field(description="The model store version that produced the answer (single answers; "
+          "every answer also has it in X-Model-Version).", examples=["98ebb8703c5b9e8e"]),
+]  # fmt: skip
+
 
 class DigitPrediction(BaseModel):
     digit: int = Field(description="The most probable digit.", examples=[7])
@@ -26,6 +34,7 @@ class DigitPrediction(BaseModel):
         description="Probability of each digit 0–9, summing to 1.",
         examples=[[0.0, 0.0, 0.001, 0.0, 0.0, 0.0, 0.0, 0.998, 0.0, 0.001]],
     )
+    model_version: ModelVersion = None
 
 
 class GeneratedDigit(BaseModel):
@@ -36,6 +45,7 @@ class GeneratedDigit(BaseModel):
 class GeneratedDigits(BaseModel):
     seed: int = Field(description="The seed used; send it again to get the same images.")
     images: list[GeneratedDigit]
+    model_version: ModelVersion = None
 
 
 def _model_name(endpoint: str, suffix: str) -> str:
@@ -76,6 +86,7 @@ def text_prediction(endpoint: str, labels: tuple[str, ...]) -> type[BaseModel]:
             float,
             Field(description=f"P({labels[-1]}), in [0, 1].", examples=[0.97]),
         ),
+        model_version=(ModelVersion, None),
     )
 
 

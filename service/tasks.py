@@ -196,7 +196,7 @@ class DigitClassifier(Task):
 
     async def classify_one(self, files: dict[str, list]) -> Reply:
         [result] = await self._classify(files["image"])
-        return Reply.json(result)
+        return Reply.json({**result, "model_version": self.version})
 
     async def classify_many(self, files: dict[str, list]) -> Reply:
         return Reply.json(await self._classify(files["images"]))
@@ -375,7 +375,7 @@ class TextClassifier(Task):
 
     async def classify_one(self, request: Any) -> Reply:
         [result] = await self.score([request.text], [("text",)])
-        return Reply.json(result)
+        return Reply.json({**result, "model_version": self.version})
 
     async def classify_many(self, request: Any) -> Reply:
         texts = request.texts
@@ -522,6 +522,7 @@ class DigitGenerator(Task):
                     {"digit": row.label, "png": base64.b64encode(encode_png(pixels)).decode()}
                     for row, pixels in zip(rows, images, strict=True)
                 ],
+                "model_version": self.version,
             }
         )
 

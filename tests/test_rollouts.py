@@ -25,6 +25,7 @@ from models.artifacts import refresh_checksums
 from models.registry import get_spec
 from service.api_keys import OPEN_PATHS, digest
 from service.app import ModelSlot
+from service.openapi import ADMIN_ERROR_STATUSES
 from service.rollouts import StateStore, wanted
 from service.routes import versioned_key
 from tests.conftest import REPO_ROOT
@@ -87,6 +88,72 @@ def test_a_path_naming_a_version_finds_its_route():
         "/v2/models/mnist-cnn/versions/{version}", "abc")  # fmt: skip
     for other in ("/v2/models/mnist-cnn/infer", "/v2/models/x/versions//infer", "/classify"):
         assert versioned_key(other) == (None, None)
+
+
+# --- in process: the documents, hostile bodies, and no admin key ---------------------------
+
+
+@pytest.fixture(scope="module")
+def managed(in_process, tmp_path_factory):
+    """A service whose key file has an admin key, in process."""
+    place = tmp_path_factory.mktemp("managed")
+    (place / "api-keys").write_text(KEY_FILE)
+    return in_process({"SERVING_API_KEYS_FILE": str(place / "api-keys"),
+                       "SERVING_STATE_DIR": str(place / "state")})  # fmt: skip
+
+
+def test_management_routes_are_documented(managed):
+    _, _, raw = managed.request("/docs.json")
+    paths = json.loads(raw)["paths"]
+    activate = paths[f"/admin/models/{MODEL}/activate"]["post"]
+    assert activate["tags"] == ["Model management"]
+    assert set(activate["responses"]) == {"200", *map(str, ADMIN_ERROR_STATUSES)}
+    assert "canary_percent" in json.dumps(json.loads(raw)["components"]["schemas"]["Activation"])
+    versioned = paths["/v2/models/mnist-cnn/versions/{version}/infer"]["post"]
+    assert versioned["parameters"][0]["name"] == "version"
+
+
+def test_without_an_admin_key_there_are_no_management_routes(model_store, tmp_path):
+    """Keys without an admin one, or none at all (``make serve``; over HTTP in
+    tests/test_service_http.py): the table has no management route."""
+    from service.bento import build_service
+    from service.settings import Settings
+
+    (tmp_path / "keys").write_text(f"client infer sha256:{digest(CLIENT_KEY).hex()}\n")
+    for env in ({"SERVING_API_KEYS_FILE": str(tmp_path / "keys")}, {}):
+        table = build_service(Settings.from_env(env)).inner.route_table
+        assert "/classify" in table and not any(path.startswith("/admin") for path in table)
+
+
+HOSTILE_BODIES = [
+    b"", b"{", b"[]", b"null", b'"x"', b"{}", b'{"version": 7}', b'{"version": ""}',
+    b'{"version": "../../../etc/passwd"}', b'{"version": "/abs/path"}', b'{"version": "A"}',
+    b'{"version": "abc."}', b'{"version": "%00"}', b'{"version": "\\u0000"}',
+    b'{"version": "' + b"a" * 10_000 + b'"}', b'{"version": "abc", "extra": 1}',
+    b'{"version": "abc", "canary_percent": 0}', b'{"version": "abc", "canary_percent": 100}',
+    b'{"version": "abc", "canary_percent": NaN}', b'{"version": "abc", "canary_percent": "10"}',
+    b'{"version": "abc", "canary_percent": 1e999}', "{\"version\": \"é\"}".encode(),
+    b'{"version": ["a"]}', b'{"version": {"$gt": ""}}', b"\xff\xfe",
+]  # fmt: skip
+
+
+def test_hostile_management_calls_get_a_clear_4xx(managed):
+    headers = bearer(ADMIN_KEY, "application/json")
+    for body in HOSTILE_BODIES:
+        for operation in ("activate", "promote", "rollback", "abort", "reset"):
+            path = f"/admin/models/{MODEL}/{operation}"
+            status, _, raw = managed.request(path, data=body, headers=headers)
+            if operation == "reset" and body in (b"", b"{}"):  # a valid call: nothing to reset
+                assert status == 200 and json.loads(raw)["source"] == "configuration"
+                continue
+            assert 400 <= status < 500 and "error" in json.loads(raw), (body, path, status)
+    for path in ("/admin/models/no-such-model/activate", "/admin/models/../x/activate",
+                 "/admin/models/mnist-cnn/%2e%2e"):  # fmt: skip
+        assert managed.request(path, data=b"{}", headers=headers)[0] in (401, 404), path
+    status, _, raw = managed.request("/admin/models", headers=bearer(ADMIN_KEY))
+    assert status == 200 and json.loads(raw)["models"][0]["serving"]
+    png = encode(np.zeros((28, 28), np.uint8), "PNG")
+    assert managed.request("/classify", data=png, headers=bearer(CLIENT_KEY, "image/png"))[0] == 200
 
 
 # --- 2 workers ----------------------------------------------------------------------------
@@ -160,7 +227,10 @@ def classify(server, png: bytes) -> tuple[int, str | None, dict]:
     status, headers, raw = server.request("/classify", data=png,
                                           headers=bearer(CLIENT_KEY, "image/png"))  # fmt: skip
     version = {name.lower(): value for name, value in headers.items()}.get("x-model-version")
-    return status, version, json.loads(raw)
+    answer = json.loads(raw)
+    if status == 200:  # the version in the header and in the JSON
+        assert answer["model_version"] == version
+    return status, version, answer
 
 
 def admin(server, path: str, body: dict | None = None) -> tuple[int, dict]:
@@ -260,7 +330,7 @@ def test_a_canary_gets_its_share_and_each_version_answers_as_it_does_alone(serve
     assert 0.08 <= share <= 0.12
     for answer in answers:
         got, alone = json.loads(answer.body), ALONE[answer.version]
-        assert got["digit"] == alone["digit"], answer.version
+        assert got["digit"] == alone["digit"] and got["model_version"] == answer.version
         assert np.allclose(got["probabilities"], alone["probabilities"], atol=1e-5)
     status, model = admin(server, f"/admin/models/{MODEL}/abort")
     assert status == 200 and model["canary"] is None and model["serving"] == versions["smoke"]

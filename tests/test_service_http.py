@@ -102,6 +102,7 @@ def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
 def test_health_metrics_and_openapi(server):
     assert server.request("/livez")[0] == 200
     assert server.request("/readyz")[0] == 200
+    assert server.request("/admin/models")[0] == 404  # no admin key, no management routes
     status, _, page = server.request("/")
     assert status == 200 and b"<html" in page.lower()
     status, _, raw = server.request("/docs.json")
