@@ -37,6 +37,7 @@ from service.routes import RouteTable
 from service.settings import Settings
 from service.tasks import task_kind
 from service.webpage import PAGE_PATH, page_app
+from service.worker_state import WorkerSampler
 
 SERVICE_NAME = "digit-sentiment-serving"
 
@@ -145,9 +146,11 @@ def build_service(settings: Settings) -> bentoml.Service:
 
         @bentoml.on_startup
         async def start_rollouts(self) -> None:
-            """Apply the rollout state (a canary it names) and watch it, on this worker's
-            event loop."""
+            """Apply the rollout state (a canary it names) and watch it, and sample the
+            worker's gauges, on this worker's event loop."""
             await self.app.rollouts.start()
+            self.sampler = WorkerSampler(self.app.models)
+            self.sampler.start()
 
         @bentoml.on_startup
         async def start_grpc(self) -> None:
@@ -166,6 +169,7 @@ def build_service(settings: Settings) -> bentoml.Service:
         async def stop_grpc(self) -> None:
             """After the HTTP server has drained: the calls in flight get as long again."""
             await self.app.rollouts.stop()
+            self.sampler.stop()
             if self.grpc is not None:
                 await self.grpc.stop(settings.connections.drain_s)
 

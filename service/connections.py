@@ -60,6 +60,19 @@ def refusal_bytes(status: int, type_: str, message: str) -> bytes:
     return head.encode("latin-1") + b"\r\n" + body
 
 
+class _Open:
+    """The worker's open connections (uvicorn's set, known once one has been made)."""
+
+    def __init__(self) -> None:
+        self.connections: set[Any] = set()
+
+    def count(self) -> int:
+        return len(self.connections)
+
+
+OPEN = _Open()
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with limits on request heads, connections and drain.
 
@@ -83,6 +96,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        OPEN.connections = self.connections  # the server's set: the same on every connection
         if len(self.connections) > self.limits.max_connections:
             self._refuse(503, "too_many_connections",
                          f"this worker has {self.limits.max_connections} connections open; "

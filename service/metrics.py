@@ -9,6 +9,10 @@
   none did) and the HTTP status or gRPC code of its answer;
 * ``serving_key_requests_total{key, scope}``: with API keys on, the requests each key
   (by its name) was admitted for;
+* ``serving_queued_items{endpoint}``, ``serving_open_connections``,
+  ``serving_workers_ready``, ``serving_worker_resident_memory_bytes{pid}`` and
+  ``serving_model_version_share{endpoint, version}``: what the workers hold now
+  (``WorkerGauges``);
 * ``serving_model_seconds{endpoint, version}``: wall time inside the model call itself (the
   predictor, without preprocessing or decoding), per model call. Its ``_sum``
   against the server's CPU time tells how much of a request's cost is the model
@@ -108,6 +112,39 @@ def key_file_read() -> Any:
             multiprocess_mode="all",
         )
     return _FAMILIES["key_file"]
+
+
+@dataclass(frozen=True)
+class WorkerGauges:
+    """What a worker holds now, sampled by ``service.worker_state``; summed over the
+    running workers (``livesum``) unless the pid is kept."""
+
+    queued_items: Any  # {endpoint}
+    open_connections: Any
+    ready: Any
+    memory: Any  # {pid}
+    version_share: Any  # {endpoint, version}: the share of requests it gets, 0 retired
+
+
+def worker_gauges() -> WorkerGauges:
+    if "worker" not in _FAMILIES:
+        from prometheus_client import Gauge
+
+        _FAMILIES["worker"] = WorkerGauges(
+            queued_items=Gauge("serving_queued_items", "Items waiting in the model's batcher "
+                               "queues", ["endpoint"], multiprocess_mode="livesum"),
+            open_connections=Gauge("serving_open_connections", "Open HTTP connections",
+                                   multiprocess_mode="livesum"),
+            ready=Gauge("serving_workers_ready", "Workers whose models are loaded",
+                        multiprocess_mode="livesum"),
+            memory=Gauge("serving_worker_resident_memory_bytes", "Resident memory of each "
+                         "worker process", multiprocess_mode="all"),
+            version_share=Gauge("serving_model_version_share", "Share of the model's "
+                                "requests each version gets (1 serving alone, 0.1 a 10 % "
+                                "canary, 0 out of service)", ["endpoint", "version"],
+                                multiprocess_mode="livemax"),
+        )  # fmt: skip
+    return _FAMILIES["worker"]
 
 
 class RequestCounts:

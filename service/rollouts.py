@@ -74,6 +74,7 @@ from service.requests import parse_json
 from service.routes import Route
 from service.settings import model_spec
 from service.tasks import Task
+from service.worker_state import publish_versions
 
 log = logging.getLogger(__name__)
 
@@ -413,6 +414,7 @@ class Rollouts:
         ``_lock``."""
         generation, models = self.store.read()
         self._stamp = self.store.stamp()
+        retired: dict[str, set[str]] = {}
         for key, slot in self.app.models.items():
             name = model_spec(key).name
             want = wanted(models.get(name), self.configured[key])
@@ -428,6 +430,7 @@ class Rollouts:
             slot.serving, slot.canary, slot.canary_percent = serving, canary, want.percent
             for task in before - {serving, canary}:
                 log.info("model %s: %s out of service", name, task.version)
+                retired.setdefault(key, set()).add(task.version)
                 self._retire(task)
             if serving not in before or (canary is not None and canary not in before):
                 split = f", canary {canary.version} at {want.percent:g} %" if canary else ""
@@ -435,6 +438,7 @@ class Rollouts:
         for task in self._preloaded.values():  # loaded for a change that was refused
             task.batcher.close()
         self._preloaded.clear()
+        publish_versions(self.app.models, retired)
         self._generation = generation
         self.store.report(self.pid, self._report())
 
