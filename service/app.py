@@ -48,6 +48,7 @@ from service.inference import TimedPredictor
 from service.memory import return_freed_memory_promptly
 from service.metrics import RequestCounts, model_metrics
 from service.model_store import load_stored_artifact
+from service.request_log import CURRENT
 from service.routes import Route, RouteTable
 from service.settings import (
     RENAMED_MODEL_SETTINGS,
@@ -263,6 +264,8 @@ class ServingApp:
         else:
             task = slot.pick() if route.queue is not None else slot.serving
         task.requests_in_progress += 1
+        if (context := CURRENT.get()) is not None:
+            context.version = task.version
         try:
             reply = await self._answer(route, task, task.version, body, media_type, content_type,
                                        headers)  # fmt: skip

@@ -47,6 +47,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from service.request_log import CURRENT
+
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
 
@@ -67,6 +69,7 @@ class _Job(Generic[ItemT, ResultT]):
     results: list[Any] = field(init=False)
     next_index: int = 0  # first item not yet taken into a batch
     remaining: int = field(init=False)  # items whose results are still missing
+    batch_size: int = 0  # items in the last batch its items ran in
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.items)
@@ -155,7 +158,10 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         assert self._wakeup is not None
         self._wakeup.set()
         try:
-            return await job.future
+            results = await job.future
+            if (context := CURRENT.get()) is not None:
+                context.batch_size = job.batch_size
+            return results
         finally:
             self._active_requests -= 1
             if job.future.cancelled():
@@ -225,6 +231,7 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
             return
         offset = 0
         for job, start, count in parts:
+            job.batch_size = len(batch)
             job.results[start : start + count] = results[offset : offset + count]
             offset += count
             job.remaining -= count

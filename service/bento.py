@@ -27,7 +27,7 @@ import bentoml
 import yaml
 
 from models.registry import REGISTRY, ModelSpec, get_spec
-from service import framework_hooks, openapi, rollouts, v2_routes
+from service import framework_hooks, openapi, request_log, rollouts, v2_routes
 from service.api_keys import ApiKeys, RouteGuard
 from service.app import ServingApp, placement
 from service.backends import check_placement, resolve_device
@@ -118,6 +118,7 @@ def build_service(settings: Settings) -> bentoml.Service:
 
         def __init__(self) -> None:
             _configure_logging(settings.log_level)
+            request_log.configure(settings.log_format)
             framework_hooks.check()
             configured = {key: getattr(self, _attribute(key)) for key in tags}
             names = {key: get_spec(settings.models[key].registry_name).name for key in tags}
@@ -186,7 +187,8 @@ def build_service(settings: Settings) -> bentoml.Service:
         service_class=RoutedService,
         workers=settings.workers,
         traffic={"timeout": settings.request_timeout_s},
-        logging={"access": {"enabled": settings.access_log}},
+        # The gate writes the request log (service.request_log), with more to say.
+        logging={"access": {"enabled": False}},
         **({} if settings.tracing else {"tracing": {"excluded_urls": list(table)}}),
     )(bentoml.asgi_app(page_app(), path=PAGE_PATH)(ServingService))
     service.add_asgi_middleware(
@@ -197,6 +199,7 @@ def build_service(settings: Settings) -> bentoml.Service:
         authorize=RouteGuard(keys, table) if keys is not None else None,
         max_body_bytes=settings.limits.max_body_bytes,
         handler=bentoml.get_current_service,
+        request_log=settings.access_log,
     )
     return service
 

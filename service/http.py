@@ -47,6 +47,7 @@ from typing import Any, Protocol
 import orjson
 
 from service.errors import ClientError, error_body
+from service.request_log import CURRENT, RequestContext, log_request, request_id, with_request_id
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +193,11 @@ class ApiGate:
         authorize: Callable[[str, Headers], Reply | None] | None = None,
         in_flight: InFlight = IN_FLIGHT,
         disconnects: DisconnectLog | None = None,
+        request_log: bool = False,
     ) -> None:
         self.app = app
+        # One log line per request once it is answered (``service.request_log``).
+        self.request_log = request_log
         self.routes = dict(routes)
         self.unknown = unknown
         # A path that is not itself a key of ``routes`` → the key of the route that
@@ -210,15 +214,26 @@ class ApiGate:
         self._sweeping = False
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # Every HTTP request, the API's and BentoML's own: its id on the answer, in an
+        # error body and on every log line written while it is served.
+        context = RequestContext(request_id(scope["headers"]), scope["path"], scope["method"])
+        token = CURRENT.set(context)
+        try:
+            await self._serve(scope, receive, with_request_id(send, context))
+        finally:
+            CURRENT.reset(token)
+            if self.request_log:
+                log_request(context)
+
+    async def _serve(self, scope: dict, receive: Any, send: Any) -> None:
         if (
             self.authorize is not None
-            and scope["type"] == "http"
             and (refusal := self.authorize(scope["path"], scope["headers"])) is not None
         ):
             await send_reply(send, refusal)
-            return
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
             return
         path = key = scope["path"]
         if (route := self.routes.get(path)) is None:

@@ -169,8 +169,12 @@ DECLARED: tuple[Setting, ...] = (
     Setting("LOG_LEVEL", "choice", "info", "level of the service's own log: info is the "
             "start-up summary, warnings and server errors; debug adds one line per rejected "
             "request", LOGGING, choices=("debug", "info", "warning", "error")),
-    Setting("ACCESS_LOG", "flag", False, "BentoML's per-request access log (it costs "
-            "throughput)", LOGGING),
+    Setting("LOG_FORMAT", "choice", "text", "text lines, or one JSON object per line (time, "
+            "level, logger, message, request id, and a request line's fields)", LOGGING,
+            choices=("text", "json")),
+    Setting("ACCESS_LOG", "flag", False, "one line per request once it is answered: route, "
+            "status, duration, request id, and the model version and batch size that served "
+            "it (it costs throughput)", LOGGING),
     Setting("TRACING", "flag", False, "OpenTelemetry spans for the API routes; BentoML records "
             "a span per request and per body chunk even without an exporter, about a quarter "
             "of the event loop's time, so turn it on with a tracing exporter", LOGGING),
@@ -230,6 +234,7 @@ class Settings:
     api_keys_file: str | None
     state_dir: str | None
     log_level: str
+    log_format: str
     access_log: bool
     tracing: bool
     heap_snapshot_dir: str | None

@@ -295,7 +295,7 @@ def test_malformed_requests_get_a_clear_error(server, case):
     assert status == expected, raw
     error = json.loads(raw)
     validate(error, "V2Error")
-    assert set(error) == {"error"} and words in error["error"], error
+    assert set(error) == {"error", "request_id"} and words in error["error"], error
 
 
 def test_the_server_keeps_serving_after_malformed_tensors(server, triton):

@@ -36,7 +36,8 @@ def test_a_full_queue_is_refused_over_rest_in_each_protocol(svc):
             headers={"Content-Type": "application/json"},
         )
         assert status == 503 and headers["retry-after"] == "1"
-        assert set(json.loads(raw)) == {"error"} and "busy" in json.loads(raw)["error"]
+        error = json.loads(raw)
+        assert set(error) == {"error", "request_id"} and "busy" in error["error"]
         status, native = svc.post_json("/sentiment", {"text": "Fine."})
         assert status == 503 and native["detail"][0]["type"] == "overloaded"
     finally:
