@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from models.artifacts import ArtifactError
 from models.example_outputs import ExampleMismatch, check_example
-from service import v2
+from service import tracing, v2
 from service.backends import (
     BackendError,
     Device,
@@ -288,7 +288,8 @@ class ServingApp:
         headers: Headers,
     ) -> Reply:
         try:
-            request = route.decode(media_type, content_type, body, headers)
+            with tracing.span("decode"):
+                request = route.decode(media_type, content_type, body, headers)
             reply = await route.answer(target, request)
         except (RequestError, ServiceBusy, V2Error) as error:
             reply = _error_reply(route, error)

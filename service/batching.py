@@ -42,11 +42,13 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from service import tracing
 from service.request_log import CURRENT
 
 ItemT = TypeVar("ItemT")
@@ -70,6 +72,11 @@ class _Job(Generic[ItemT, ResultT]):
     next_index: int = 0  # first item not yet taken into a batch
     remaining: int = field(init=False)  # items whose results are still missing
     batch_size: int = 0  # items in the last batch its items ran in
+    # With tracing on (service.tracing): the request's span, when it was queued, and
+    # (taken, model start, model end, batch size, the batch's span) of its last batch.
+    trace_context: Any = None
+    enqueued_ns: int = 0
+    trace: tuple[int, int, int, int, Any] | None = None
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.items)
@@ -152,6 +159,8 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
                 f"(limit {self.max_queue_items})"
             )
         job: _Job[ItemT, ResultT] = _Job(items, loop.create_future(), loop.time())
+        if tracing.active():
+            job.trace_context, job.enqueued_ns = tracing.current_context(), time.time_ns()
         self._jobs.append(job)
         self._queued_items += len(items)
         self._active_requests += 1
@@ -161,6 +170,8 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
             results = await job.future
             if (context := CURRENT.get()) is not None:
                 context.batch_size = job.batch_size
+            if job.trace is not None:
+                tracing.request_batch_spans(job.enqueued_ns, *job.trace)
             return results
         finally:
             self._active_requests -= 1
@@ -195,10 +206,11 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
             batch, parts = self._take_batch()
             if not batch:
                 continue
+            taken_ns = time.time_ns() if tracing.active() else 0
             if self._observe_batch is not None:
                 self._observe_batch(len(batch))
             if self._prepare_executor is None:
-                await self._run_model(batch, parts)
+                await self._run_model(batch, parts, taken_ns)
                 continue
             try:  # while the previous batch is in the model
                 prepared = await self._loop.run_in_executor(
@@ -211,15 +223,30 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
                 continue
             if self._model_call is not None:
                 await self._model_call
-            self._model_call = self._loop.create_task(self._run_model(prepared, parts))
+            self._model_call = self._loop.create_task(self._run_model(prepared, parts, taken_ns))
 
     async def _run_model(
-        self, batch: list[Any], parts: list[tuple[_Job[ItemT, ResultT], int, int]]
+        self,
+        batch: list[Any],
+        parts: list[tuple[_Job[ItemT, ResultT], int, int]],
+        taken_ns: int = 0,
     ) -> None:
-        """Run one batch through the model and hand each job its results."""
+        """Run one batch through the model and hand each job its results (and, traced since
+        ``taken_ns``, the batch's spans)."""
         assert self._loop is not None
         try:
-            results = await self._loop.run_in_executor(self._executor, self._run_batch, batch)
+            if taken_ns:
+                started, results, ended = await self._loop.run_in_executor(
+                    self._executor, self._timed_run, batch
+                )
+                requests = [job.trace_context for job, _, _ in parts]
+                batch_context = tracing.batch_span(
+                    self.name, len(batch), taken_ns, started, ended, requests
+                )
+                for job, _, _ in parts:
+                    job.trace = (taken_ns, started, ended, len(batch), batch_context)
+            else:
+                results = await self._loop.run_in_executor(self._executor, self._run_batch, batch)
             if len(results) != len(batch):
                 raise RuntimeError(
                     f"{self.name}: the model returned {len(results)} results for {len(batch)} items"
@@ -237,6 +264,11 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
             job.remaining -= count
             if job.remaining == 0 and not job.future.done():
                 job.future.set_result(job.results)
+
+    def _timed_run(self, batch: list[Any]) -> tuple[int, Sequence[Any], int]:
+        started = time.time_ns()
+        results = self._run_batch(batch)
+        return started, results, time.time_ns()
 
     def _fail(
         self, parts: list[tuple[_Job[ItemT, ResultT], int, int]], error: Exception, stage: str

@@ -46,6 +46,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from service import tracing
 from service.errors import ClientError, error_body
 from service.request_log import CURRENT, RequestContext, log_request, request_id, with_request_id
 
@@ -69,7 +70,8 @@ class Reply:
 
     @classmethod
     def json(cls, value: Any, status: int = 200) -> Reply:
-        return cls(status, orjson.dumps(value))
+        with tracing.span("encode"):
+            return cls(status, orjson.dumps(value))
 
     @classmethod
     def error(cls, error: ClientError) -> Reply:
@@ -267,7 +269,8 @@ class ApiGate:
             return
         self.in_flight.enter(key)
         try:
-            body = await _read_within(receive, self.max_body_bytes)
+            with tracing.span("read body"):
+                body = await _read_within(receive, self.max_body_bytes)
             if body is None:
                 await self._too_large(send)
                 return

@@ -175,9 +175,13 @@ DECLARED: tuple[Setting, ...] = (
     Setting("ACCESS_LOG", "flag", False, "one line per request once it is answered: route, "
             "status, duration, request id, and the model version and batch size that served "
             "it (it costs throughput)", LOGGING),
-    Setting("TRACING", "flag", False, "OpenTelemetry spans for the API routes; BentoML records "
-            "a span per request and per body chunk even without an exporter, about a quarter "
-            "of the event loop's time, so turn it on with a tracing exporter", LOGGING),
+    Setting("TRACING", "flag", False, "OpenTelemetry spans of each request (read body, decode, "
+            "queue wait, batch, model call, encode; service.tracing), exported over OTLP/HTTP",
+            LOGGING),
+    Setting("TRACING_ENDPOINT", "text", "http://localhost:4318/v1/traces", "where the spans "
+            "go: an OTLP/HTTP traces URL (a collector's)", LOGGING),
+    Setting("TRACING_SAMPLE_RATE", "number", 1.0, "share of requests traced (a client's "
+            "sampled traceparent is always followed)", LOGGING, minimum=0.0),
     Setting("HEAP_SNAPSHOT_DIR", "text", None, "each worker traces its Python heap and writes "
             "a tracemalloc snapshot into this folder at intervals", DIAGNOSTICS,
             default_doc="unset: no tracing"),
@@ -237,6 +241,8 @@ class Settings:
     log_format: str
     access_log: bool
     tracing: bool
+    tracing_endpoint: str
+    tracing_sample_rate: float
     heap_snapshot_dir: str | None
     heap_snapshot_interval_s: float
     limits: Limits

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+import orjson
 from PIL import Image
 from pydantic import BaseModel, RootModel
 
@@ -31,6 +32,7 @@ from models.artifacts import Artifact
 from models.preprocessing import pixels_from_normalized
 from models.registry import ModelSpec
 from models.tokenizer import Vocabulary
+from service import tracing
 from service.batching import AdaptiveBatcher, QueueFull
 from service.errors import Location, Problem, RequestError, ServiceBusy
 from service.http import PNG, Reply
@@ -513,10 +515,10 @@ class DigitGenerator(Task):
         seed = secrets.randbits(63) if request.seed is None else request.seed
         rows = self.model.prepare(request.n, request.digit, seed)
         images = await self.submit(rows)
-        if request.grid:
-            return Reply(200, grid_png(images), PNG, {"X-Seed": str(seed)})
-        return Reply.json(
-            {
+        with tracing.span("encode"):
+            if request.grid:
+                return Reply(200, grid_png(images), PNG, {"X-Seed": str(seed)})
+            answer = {
                 "seed": seed,
                 "images": [
                     {"digit": row.label, "png": base64.b64encode(encode_png(pixels)).decode()}
@@ -524,7 +526,7 @@ class DigitGenerator(Task):
                 ],
                 "model_version": self.version,
             }
-        )
+            return Reply(200, orjson.dumps(answer))
 
 
 KINDS: dict[str, type[Task]] = {

@@ -20,7 +20,7 @@ from importlib.metadata import version
 from typing import Any
 
 from models.registry import ModelSpec
-from service import v2
+from service import tracing, v2
 from service.http import JSON, Headers, Reply
 from service.routes import VERSION, Route
 
@@ -223,6 +223,9 @@ async def _infer(task: Any, request: v2.InferRequest) -> Reply:
     if unknown:
         raise v2.bad_request(f"{task.spec.name} has no output {', '.join(map(repr, unknown))}")
     outputs, parameters = await task.infer_v2(request)
-    body, headers = v2.infer_response(task.spec.name, task.version, request, outputs, parameters)
+    with tracing.span("encode"):
+        body, headers = v2.infer_response(
+            task.spec.name, task.version, request, outputs, parameters
+        )
     media_type = OCTET_STREAM if headers else JSON
     return Reply(200, body, media_type, headers or None)
