@@ -61,8 +61,10 @@ def decode(body: bytes) -> list[Span]:
 class OtlpReceiver:
     """An OTLP/HTTP receiver on a local port, in a thread of this process."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, keep: bool = True) -> None:
+        """``keep``: keep the spans (else only count them, for a long benchmark)."""
         received: list[Span] = []
+        counted = [0]
         lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
@@ -75,7 +77,9 @@ class OtlpReceiver:
                     return
                 spans = decode(body)
                 with lock:
-                    received.extend(spans)
+                    counted[0] += len(spans)
+                    if keep:
+                        received.extend(spans)
                 answer = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -86,7 +90,7 @@ class OtlpReceiver:
             def log_message(self, *args: Any) -> None:  # quiet
                 pass
 
-        self._received, self._lock = received, lock
+        self._received, self._counted, self._lock = received, counted, lock
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -102,3 +106,29 @@ class OtlpReceiver:
     def spans(self) -> list[Span]:
         with self._lock:
             return list(self._received)
+
+    @property
+    def count(self) -> int:
+        return self._counted[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description="Receive OTLP/HTTP traces and count them.")
+    parser.add_argument("--port", type=int, default=4318)
+    args = parser.parse_args(argv)
+    with OtlpReceiver(args.port, keep=False) as receiver:
+        print(f"receiving at {receiver.endpoint}", flush=True)
+        try:
+            while True:
+                time.sleep(10)
+                print(f"{receiver.count} spans so far", flush=True)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
