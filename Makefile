@@ -20,8 +20,8 @@ MLSERVER_INSTALLED := $(MLSERVER_VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 CHROMEDRIVER ?= /usr/bin/chromedriver
 
-.PHONY: setup test browser serve register lint format bench bench-gpu bench-peers bench-soak clean \
-	container container-test kserve-venv mlserver-venv
+.PHONY: setup test browser prometheus serve register lint format bench bench-gpu bench-peers \
+	bench-soak clean container container-test kserve-venv mlserver-venv
 
 setup: $(INSTALLED)
 
@@ -32,7 +32,7 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 # The tests that use the tool environments fail, rather than skip, when make names them.
-test: $(INSTALLED) $(KSERVE_INSTALLED) $(MLSERVER_INSTALLED) browser
+test: $(INSTALLED) $(KSERVE_INSTALLED) $(MLSERVER_INSTALLED) browser prometheus
 	KSERVE_VENV=$(KSERVE_VENV) MLSERVER_VENV=$(MLSERVER_VENV) $(BIN)/pytest
 
 kserve-venv: $(KSERVE_INSTALLED)
@@ -63,6 +63,24 @@ browser:
 	else \
 		echo "Chromium is missing and installing it needs root" \
 			"(apt-get install chromium chromium-driver): the browser tests will skip."; \
+	fi
+
+# Debian's Prometheus (the server and promtool), for the dashboard and rule tests
+# (tests/test_observability.py). Installing needs root; without it those tests skip
+# and say so. The package's own service is kept from starting while it installs
+# (a policy-rc.d that refuses, unless the machine already has one).
+prometheus:
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		policy=/usr/sbin/policy-rc.d; made=; \
+		if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' >$$policy && chmod +x $$policy && made=1; fi; \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+		status=$$?; [ -z "$$made" ] || rm -f $$policy; exit $$status; \
+	else \
+		echo "Prometheus is missing and installing it needs root" \
+			"(apt-get install prometheus): the Prometheus tests will skip."; \
 	fi
 
 serve: $(INSTALLED)
