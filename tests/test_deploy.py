@@ -48,6 +48,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTAINER_DIR = REPO_ROOT / "deploy" / "container"
 OVERLAYS = {"cpu": KUBERNETES_DIR / "overlays" / "cpu", "gpu": KUBERNETES_DIR / "overlays" / "gpu"}
 KSERVE_DIR = KUBERNETES_DIR / "kserve"
+# Optional (the Prometheus operator's PodMonitor and PrometheusRule), for an overlay's
+# `components:`; the overlays here apply without it.
+MONITORING_DIR = KUBERNETES_DIR / "components" / "monitoring"
 # The oldest Kubernetes release still maintained upstream, and the newest known here.
 KUBERNETES_VERSIONS = ("1.32.0", kubernetes_validate.utils.latest_version())
 PROBE_PATHS = {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/livez"}
@@ -231,7 +234,10 @@ def test_the_validation_catches_a_broken_manifest(overlay):
 
 
 def test_every_file_in_deploy_kubernetes_is_used_by_an_overlay():
-    used = set().union(*(referenced_files(path) for path in [*OVERLAYS.values(), KSERVE_DIR]))
+    """Or by the optional monitoring component."""
+    used = set().union(
+        *(referenced_files(path) for path in [*OVERLAYS.values(), KSERVE_DIR, MONITORING_DIR])
+    )
     on_disk = {path.resolve() for path in KUBERNETES_DIR.rglob("*") if path.is_file()}
     assert on_disk == used
 
@@ -327,11 +333,7 @@ def test_the_documented_pod_monitor_scrapes_with_a_key(overlay):
     custom resource) picks these pods, asks /metrics on the annotated port and sends
     a bearer key from a Secret of its own, not the key file (which holds only hashes)."""
     _, resources = overlay
-    blocks = re.findall(r"```yaml\n(.*?)```", DEPLOY_DOC.read_text(), flags=re.DOTALL)
-    documents = [yaml.safe_load(block) for block in blocks]
-    monitors = [d for d in documents if isinstance(d, dict) and d.get("kind") == "PodMonitor"]
-    assert len(monitors) == 1, "docs/deploy.md shows one PodMonitor"
-    spec = monitors[0]["spec"]
+    spec = documented_pod_monitor()["spec"]
     template = deployment(resources)["spec"]["template"]
     assert spec["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
     (endpoint,) = spec["podMetricsEndpoints"]
@@ -346,6 +348,30 @@ def test_the_documented_pod_monitor_scrapes_with_a_key(overlay):
     assert authorization["type"] == "Bearer"
     assert set(authorization["credentials"]) == {"name", "key"}
     assert authorization["credentials"]["name"] != KEYS_SECRET
+
+
+def documented_pod_monitor() -> dict[str, Any]:
+    blocks = re.findall(r"```yaml\n(.*?)```", DEPLOY_DOC.read_text(), flags=re.DOTALL)
+    documents = [yaml.safe_load(block) for block in blocks]
+    monitors = [d for d in documents if isinstance(d, dict) and d.get("kind") == "PodMonitor"]
+    assert len(monitors) == 1, "docs/deploy.md shows one PodMonitor"
+    return monitors[0]
+
+
+def test_the_monitoring_component_holds_the_documented_pod_monitor():
+    """The optional component is a kustomize Component (an overlay lists it under
+    ``components:``) with docs/deploy.md's PodMonitor, which the test above checks
+    against the pods, plus a scrape interval; tests/test_observability.py checks its
+    PrometheusRule against deploy/observability/rules.yaml."""
+    kustomization = yaml.safe_load((MONITORING_DIR / "kustomization.yaml").read_text())
+    assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
+    assert kustomization["kind"] == "Component"
+    resources = render(MONITORING_DIR)
+    assert sorted(r["kind"] for r in resources) == ["PodMonitor", "PrometheusRule"]
+    monitor = copy.deepcopy(find(resources, "PodMonitor", "digit-sentiment-serving"))
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint.pop("interval") == "15s"
+    assert monitor == documented_pod_monitor()
 
 
 def test_selectors_pick_the_deployments_pods(overlay):
