@@ -156,6 +156,9 @@ class ServingApp:
             use_torch_threads(settings.threads_per_model())
         self.batching = settings.resolve_batching(self.device.type)
         self.requests = RequestCounts()
+        for key in stored:
+            for protocol in ("native", "v2"):
+                self.requests.declare(protocol, key, 503)
         log.info("device %s (%s), %d worker(s)", self.device, device_name(self.device),
                  settings.workers)  # fmt: skip
         self.models = {key: ModelSlot(self.load_version(key, stored[key])) for key in stored}

@@ -165,6 +165,30 @@ class RequestCounts:
             child = self._children[key] = self._family.labels(*key)
         child.inc()
 
+    def declare(self, protocol: str, endpoint: str, code: int) -> None:
+        """Start a series at 0 before its first request: a rate over it then counts that
+        first request too (the shedding alert's 503s, which come in bursts)."""
+        key = (protocol, endpoint, "", str(code))
+        if key not in self._children:
+            self._children[key] = self._family.labels(*key)
+
+
+def forget_dead_workers(folder: str | os.PathLike | None) -> None:
+    """Drop the gauges of worker processes that no longer run (a killed worker that
+    BentoML replaced): their "live" sums and per-process lines would otherwise stay.
+    Counters are kept: what a dead worker counted still happened."""
+    if not folder:
+        return
+    from prometheus_client import multiprocess
+
+    for path in Path(folder).glob("gauge_*.db"):
+        pid = path.stem.rpartition("_")[2]
+        if pid.isdigit() and not process_exists(int(pid)):
+            if path.name.startswith("gauge_live"):
+                multiprocess.mark_process_dead(int(pid), str(folder))
+            else:
+                path.unlink(missing_ok=True)
+
 
 def use_instance_folder() -> Path | None:
     """Point this ``bentoml serve`` at a Prometheus multiprocess folder of its own.

@@ -5,7 +5,8 @@ so that nothing on the request path pays for it.
   version's), summed over the workers;
 * ``serving_open_connections``: open HTTP connections, summed;
 * ``serving_workers_ready``: workers whose models are loaded (a worker counts from
-  its first sample until it exits);
+  its first sample until it exits; a killed worker's gauges are dropped within
+  ``FORGET_EVERY`` samples by the workers still running);
 * ``serving_worker_resident_memory_bytes{pid}``: each worker's resident memory;
 * ``serving_model_version_share{endpoint, version}``: the share of the model's
   requests each version gets (``publish_versions``, on every change).
@@ -17,14 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from service.connections import OPEN
 from service.heap_snapshots import resident_bytes
-from service.metrics import worker_gauges
+from service.metrics import forget_dead_workers, worker_gauges
 
 SAMPLE_S = 1.0
+# Every this many samples, the gauges of workers that died are dropped.
+FORGET_EVERY = 5
 
 
 def publish_versions(models: Mapping[str, Any], retired: Mapping[str, set[str]]) -> None:
@@ -50,6 +54,7 @@ class WorkerSampler:
         self.gauges = worker_gauges()
         self.queued = {key: self.gauges.queued_items.labels(key) for key in models}
         self._task: asyncio.Task[None] | None = None
+        self._samples = 0
 
     def start(self) -> None:
         self.gauges.ready.set(1)
@@ -61,6 +66,9 @@ class WorkerSampler:
             self._task.cancel()
 
     def sample(self) -> None:
+        self._samples += 1
+        if self._samples % FORGET_EVERY == 0:
+            forget_dead_workers(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         for key, slot in self.models.items():
             tasks = (slot.serving, slot.canary) if slot.canary is not None else (slot.serving,)
             self.queued[key].set(sum(task.batcher.queued_items for task in tasks))

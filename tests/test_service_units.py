@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import struct
 import threading
 import time
@@ -809,3 +810,18 @@ def test_route_traffic_metrics_look_each_child_up_once(monkeypatch):
     route = middleware._routes["/classify"]
     total, _ = route.by_status[200]
     assert total._value.get() == 21
+
+
+def test_the_gauges_of_a_dead_worker_are_dropped_and_its_counts_kept(tmp_path):
+    from service.metrics import forget_dead_workers
+
+    dead, alive = 2**22 + 7, os.getpid()
+    names = [f"gauge_livesum_{dead}.db", f"gauge_livemax_{dead}.db", f"gauge_all_{dead}.db",
+             f"counter_{dead}.db", f"gauge_livesum_{alive}.db",
+             f"gauge_all_{alive}.db"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    forget_dead_workers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"counter_{dead}.db", f"gauge_livesum_{alive}.db", f"gauge_all_{alive}.db"]
+    )
