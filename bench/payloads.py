@@ -33,7 +33,7 @@ from PIL import Image
 
 from bench.multipart import file_parts, multipart_body
 from models.preprocessing import digit_pixels_from_images, normalize_digits
-from training.sources import MNIST_TEST_IMAGES, default_data_dir, read_sst2_rows
+from training.sources import MNIST_TEST_IMAGES, default_data_dir, read_sst2_rows, require_data
 
 # The request formats of the service's endpoints (see service/service.py).
 CLASSIFY_PATH = "/classify"
@@ -101,6 +101,7 @@ def read_mnist_test_digits(data_dir: Path, count: int | None = None) -> np.ndarr
     The IDX file is read directly rather than through torchvision so that the
     load-generating processes stay free of torch.
     """
+    require_data(data_dir, MNIST_TEST_IMAGES)
     raw = (data_dir / MNIST_TEST_IMAGES).read_bytes()
     magic, total, rows, cols = np.frombuffer(raw[:16], dtype=">i4")
     if magic != IDX_IMAGES_MAGIC:

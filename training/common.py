@@ -27,7 +27,7 @@ from models.registry import REGISTRY, ModelSpec, artifacts_root
 from training import distributed
 from training.config import config_record
 from training.log import configure_logging
-from training.sources import default_data_dir
+from training.sources import default_data_dir, require_data
 
 
 def device_argument(value: str) -> str:
@@ -231,6 +231,7 @@ def start_run(config: RunConfig) -> torch.device:
     configure_logging()
     if config.resume and config.checkpoint_dir is None:
         raise SystemExit("--resume needs --checkpoint-dir")
+    require_data(config.data_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
     _, device = distributed.init(pick_device(config.device), config.dist_backend)

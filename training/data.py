@@ -18,7 +18,7 @@ from torchvision import datasets, transforms
 
 from models.preprocessing import MNIST_MEAN, MNIST_STD
 from models.tokenizer import tokenize
-from training.sources import read_sst2_rows
+from training.sources import MNIST_FILES, read_sst2_rows, require_data
 
 MNIST_VALIDATION_SIZE = 5_000
 
@@ -33,6 +33,7 @@ def mnist_transform(augment: bool = False) -> transforms.Compose:
 
 
 def mnist_test_set(data_dir: Path, transform=None) -> Dataset:
+    require_data(data_dir, *MNIST_FILES["test"])
     return datasets.MNIST(str(data_dir), train=False, download=False, transform=transform)
 
 
@@ -49,6 +50,7 @@ def mnist_train_validation(
     augmentation; default the plain ``mnist_transform()``) applies to the training
     part only.
     """
+    require_data(data_dir, *MNIST_FILES["train"])
     train_full = datasets.MNIST(
         str(data_dir), train=True, download=False, transform=train_transform or mnist_transform()
     )

@@ -75,6 +75,7 @@ from training.evaluation import VerificationError, evaluate_into
 from training.export import export_into
 from training.log import configure_logging
 from training.register import is_release_root, register_artifact
+from training.sources import require_data
 from training.variants import kept_files
 from training.verify import changed_files, check_released_variants, verify_into, working_copy
 
@@ -250,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 @distributed.entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    require_data(args.data_dir)
     configure_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
