@@ -26,13 +26,19 @@ from typing import Any
 import bentoml
 import yaml
 
+from models.artifacts import ArtifactError
 from models.registry import REGISTRY, ModelSpec, get_spec
 from service import framework_hooks, openapi, request_log, rollouts, tracing, v2_routes
 from service.api_keys import ApiKeys, RouteGuard
 from service.app import ServingApp, placement
-from service.backends import check_placement, resolve_device
+from service.backends import BackendError, check_placement, resolve_device
 from service.http import ApiGate, Reply
-from service.model_store import check_store_entries, load_stored_artifact, served_model_tags
+from service.model_store import (
+    check_store_entries,
+    damaged_entry_line,
+    load_stored_artifact,
+    served_model_tags,
+)
 from service.routes import RouteTable
 from service.settings import Settings
 from service.tasks import task_kind
@@ -141,11 +147,21 @@ def build_service(settings: Settings) -> bentoml.Service:
             ``bentoml serve`` stops here with the reason, instead of restarting workers
             that fail one after another."""
             framework_hooks.check()
-            device = resolve_device(settings.device)
+            # What the operator can fix ends the start with one line, not a traceback.
+            try:
+                device = resolve_device(settings.device)
+            except BackendError as error:
+                raise SystemExit(f"cannot start: {error}: set SERVING_DEVICE=auto or cpu") from None
             for key, tag in tags.items():
-                artifact = load_stored_artifact(bentoml.models.get(tag).path)
-                check_placement(get_spec(settings.models[key].registry_name), artifact,
-                                placement(settings, key, device))  # fmt: skip
+                try:
+                    artifact = load_stored_artifact(bentoml.models.get(tag).path)
+                except ArtifactError as error:
+                    raise SystemExit(damaged_entry_line(tag, str(error))) from None
+                try:
+                    check_placement(get_spec(settings.models[key].registry_name), artifact,
+                                    placement(settings, key, device))  # fmt: skip
+                except BackendError as error:
+                    raise SystemExit(f"cannot start: {error}") from None
 
         @bentoml.on_startup
         async def start_rollouts(self) -> None:

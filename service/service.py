@@ -22,9 +22,13 @@ from typing import Any
 @functools.cache
 def _from_environment() -> Any:
     from service.bento import build_service
-    from service.settings import Settings
+    from service.settings import Settings, SettingsError
 
-    return build_service(Settings.from_env())
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:  # a value the operator set: one line naming it
+        raise SystemExit(f"cannot start: {error} (the settings: docs/settings.md)") from None
+    return build_service(settings)
 
 
 def __getattr__(name: str) -> Any:

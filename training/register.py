@@ -45,7 +45,14 @@ from typing import Any
 
 import bentoml
 
-from models.artifacts import METADATA_FILE, ONNX_FILE, ONNX_FILES, Artifact, ArtifactError
+from models.artifacts import (
+    METADATA_FILE,
+    ONNX_FILE,
+    ONNX_FILES,
+    Artifact,
+    ArtifactError,
+    load_artifact,
+)
 from models.registry import (
     PACKAGE_ARTIFACTS_DIR,
     REGISTRY,
@@ -165,10 +172,15 @@ def register_artifact(spec: ModelSpec, artifact_dir: Path | None = None) -> bent
     tag = bentoml.Tag(spec.bento_model_name, store_version(artifact.metadata))
     try:
         existing = bentoml.models.get(tag)
+        load_artifact(Path(existing.path), verify=True)
         log.info("%s is already in the model store", existing.tag)
         return existing.tag
     except bentoml.exceptions.NotFound:
         pass
+    except Exception as error:  # damaged, or an entry another BentoML version wrote
+        detail = " ".join(str(error).split())
+        log.warning("%s is in the model store but cannot be used (%s): replacing it", tag, detail)
+        shutil.rmtree(store_entry_dir(tag))
     with bentoml.models.create(
         tag,
         labels=store_labels(spec, artifact),
@@ -178,6 +190,13 @@ def register_artifact(spec: ModelSpec, artifact_dir: Path | None = None) -> bent
             shutil.copy2(artifact.directory / filename, Path(model.path) / filename)
     log.info("registered %s", tag)
     return tag
+
+
+def store_entry_dir(tag: bentoml.Tag) -> Path:
+    """The store entry's directory (BentoML's own calls need an entry they can read)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return Path(BentoMLContainer.model_store_dir.get()) / tag.name / tag.version
 
 
 class RegistrationError(RuntimeError):
