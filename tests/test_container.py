@@ -440,7 +440,7 @@ def test_full_test_sets_give_the_released_accuracy(served, full_test_sets):
     mnist_accuracy = float(np.mean(digits == digit_labels))
     sst2_accuracy = float(np.mean(sentiments == sentiment_labels))
     print(f"\nfull test sets: MNIST {mnist_accuracy:.4f}, SST-2 {sst2_accuracy:.4f}")
-    # README: 99.57 % through the service's image preprocessing, 85.12 % on SST-2 test.
+    # docs/models.md: 99.57 % through the service's image preprocessing, 85.12 % on SST-2 test.
     assert mnist_accuracy >= 0.994 and sst2_accuracy >= 0.845
 
 

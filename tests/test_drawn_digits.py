@@ -91,5 +91,5 @@ def test_the_released_classifier_reads_drawn_digits(data_dir):
     result = drawn_digits.measure(data_dir, limit=200, seed=0)
     assert result["images"] == 200
     assert result["mnist_test_accuracy"] >= 0.99
-    # The full set's figure is in the README; this slice guards against a broken renderer.
+    # The full set's figure is in docs/models.md; this slice guards against a broken renderer.
     assert result["drawn_accuracy"] >= 0.95

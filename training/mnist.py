@@ -93,7 +93,7 @@ class TrainConfig(RunConfig):
         },
     )
     # The released model: 70 % of the training digits redrawn as canvas strokes, which
-    # took drawn digits from 98.59 % to 99.01 % (README, drawn digits).
+    # took drawn digits from 98.59 % to 99.01 % (docs/models.md, drawn digits).
     canvas_fraction: float = field(
         default=0.7,
         metadata={
