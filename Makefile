@@ -22,7 +22,7 @@ CHROMIUM ?= /usr/bin/chromium
 CHROMEDRIVER ?= /usr/bin/chromedriver
 
 .PHONY: setup test browser prometheus serve register lint format bench bench-gpu bench-peers \
-	bench-soak clean container container-test kserve-venv mlserver-venv
+	bench-soak clean container container-test kserve-venv mlserver-venv docs
 
 setup: $(INSTALLED) ## create .venv with the project and its dev tools (again when pyproject.toml changes)
 
@@ -34,7 +34,8 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 # The tests that use the tool environments fail, rather than skip, when make names them.
-test: $(INSTALLED) $(KSERVE_INSTALLED) $(MLSERVER_INSTALLED) browser prometheus ## set up and run the whole test suite (about 10 minutes)
+# The docs site is built first: a broken link or a page missing from the nav fails it.
+test: $(INSTALLED) $(KSERVE_INSTALLED) $(MLSERVER_INSTALLED) browser prometheus docs ## set up and run the whole test suite (about 10 minutes)
 	@echo "running the tests (about 10 minutes; collecting them takes ~20 s)..."
 	KSERVE_VENV=$(KSERVE_VENV) MLSERVER_VENV=$(MLSERVER_VENV) $(BIN)/pytest
 
@@ -99,6 +100,9 @@ serve: $(INSTALLED) ## set up, register the models, serve them on http://localho
 
 register: $(INSTALLED) ## put the committed models in the BentoML store (python -m training.register)
 	$(BIN)/python -m training.register
+
+docs: $(INSTALLED) ## build the documentation site into site/ (mkdocs build --strict)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 lint: $(INSTALLED) ## ruff check and ruff format --check
 	$(BIN)/ruff check .
@@ -171,7 +175,7 @@ container-test: $(INSTALLED) ## start the image make container built and check i
 	CONTAINER_IMAGE=localhost/$(IMAGE):$(VARIANT) $(BIN)/pytest -m container -rP tests/test_container.py
 
 clean: ## remove the virtual environments and build outputs
-	rm -rf $(VENV) $(KSERVE_VENV) $(MLSERVER_VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(KSERVE_VENV) $(MLSERVER_VENV) build site *.egg-info .pytest_cache .ruff_cache
 
 # Every target with the first line of its help: the `## ` comment on its rule line, or
 # the first `## ` line of the comments just above it.
