@@ -517,7 +517,9 @@ def test_the_gate_checks_method_content_type_and_size_then_hands_over_the_body()
             assert (await client.post("/status", content=b"{}")).status_code == 405
             # A path that is no route: the protocol's own 404 where it has one, else the app's.
             unknown = await client.post("/v2/models/nope/infer", content=b"{}")
-            assert unknown.status_code == 404 and unknown.json() == {"error": "no such model"}
+            assert unknown.status_code == 404 and unknown.json()["error"] == "no such model"
+            # Every answer names its request: the header, and the JSON error body.
+            assert unknown.json()["request_id"] == unknown.headers["x-request-id"]
             assert (await client.get("/elsewhere")).status_code == 404
             wrong = await client.post("/echo", content=b"x", headers={"Content-Type": "text/plain"})
             assert wrong.status_code == 415
