@@ -620,6 +620,7 @@ def test_the_mlserver_peer_answers_v2_binary_as_onnx_runtime_does(tmp_path):
         assert status == 200  # still serving
 
 
+@needs_data
 def test_the_v2_grpc_workload_sends_the_same_digits_as_model_infer_calls():
     from tritonclient.grpc import service_pb2 as pb
 
