@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.multipart import file_parts, multipart_body
 from bench.rollout import drive, post_json, smoke_version, swap_summary
 from models.artifacts import refresh_checksums
 from models.registry import get_spec
@@ -253,8 +254,10 @@ def test_keys_guard_every_route_in_both_workers(server, versions, model_store):
     assert status == 200
     paths = json.loads(raw)["paths"]
     assert "/admin/models" in paths and f"/admin/models/{MODEL}/activate" in paths
+    components = json.loads(raw)["components"]["schemas"]
     right = {"admin": ADMIN_KEY, "infer": CLIENT_KEY, "metrics": METRICS_KEY}
     wrong = {"admin": CLIENT_KEY, "infer": METRICS_KEY, "metrics": ADMIN_KEY}
+    answered = set()
     for path, item in paths.items():
         model = path.split("/")[3] if path.startswith("/v2/models/") else ""
         concrete = path.replace("{version}", model_store.get(model, ":").partition(":")[2])
@@ -273,12 +276,45 @@ def test_keys_guard_every_route_in_both_workers(server, versions, model_store):
             assert call(bearer(wrong[scope])) == 403, path
             if method == "get":
                 assert call(bearer(right[scope])) == 200, path
-            else:  # past the guard: the route's own answer to an empty body
+                answered.add(path)
+            elif scope == "infer":  # a prediction: its documented body, answered
+                body, content_type = valid_body(path, item["post"], components)
+                status, _, answer = server.request(
+                    concrete, data=body, headers=bearer(right[scope], content_type)
+                )
+                assert status == 200, (path, answer[:200])
+                answered.add(path)
+            else:  # management: past the guard; tests below drive each call to a 200
                 status = call(bearer(right[scope], "application/json"))
                 assert status not in (401, 403) and status < 500, path
-    # Each prediction route's 200 with its key: tests/test_api_keys.py, and here.
-    status, version, _ = classify(server, encode(np.zeros((28, 28), np.uint8), "PNG"))
-    assert status == 200 and version == versions["released"]
+    prefixes = ("/v2/models/", "/classify", "/sentiment", "/generate")
+    assert {path for path in paths if path.startswith(prefixes)} <= answered
+
+
+V2_INPUTS = {
+    "mnist-cnn": {"name": "pixels", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784},
+    "sst2-bilstm": {"name": "texts", "datatype": "BYTES", "shape": [1], "data": ["Fine."]},
+    "digit-gan": {"name": "digits", "datatype": "INT64", "shape": [1], "data": [3]},
+}
+
+
+def valid_body(path: str, operation: dict, components: dict) -> tuple[bytes, str]:
+    """A request the route answers with a 200: a v2 tensor, the documented JSON example,
+    or digit images in every file field."""
+    if path.startswith("/v2/models/"):
+        inputs = [V2_INPUTS[path.split("/")[3]]]
+        return json.dumps({"inputs": inputs}).encode(), "application/json"
+    content = operation["requestBody"]["content"]
+    if "application/json" in content:
+        schema = content["application/json"]["schema"]
+        schema = components[schema["$ref"].rsplit("/", 1)[1]] if "$ref" in schema else schema
+        example = {name: field["examples"][0] for name, field in schema["properties"].items()
+                   if "examples" in field}  # fmt: skip
+        return json.dumps(example).encode(), "application/json"
+    png = encode(np.zeros((28, 28), np.uint8), "PNG")
+    fields = content["multipart/form-data"]["schema"]["properties"]
+    parts = [part for name in fields for part in file_parts(name, [png])]
+    return multipart_body(parts)
 
 
 def test_a_swap_under_load_drops_nothing(server, versions, digit, mnist_test_digits):
