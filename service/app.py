@@ -47,7 +47,7 @@ from service.http import IN_FLIGHT, Headers, InFlight, Reply
 from service.inference import TimedPredictor
 from service.memory import return_freed_memory_promptly
 from service.metrics import RequestCounts, model_metrics
-from service.model_store import load_stored_artifact
+from service.model_store import load_stored_artifact, version_of
 from service.request_log import CURRENT
 from service.routes import Route, RouteTable
 from service.settings import (
@@ -189,7 +189,7 @@ class ServingApp:
         Blocking: the rollouts run it on a thread.
         """
         spec = model_spec(key)
-        version = str(stored.tag).partition(":")[2]
+        version = version_of(stored.tag)
         where = self.placements[key]
         try:
             artifact = load_stored_artifact(stored.path)

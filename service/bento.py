@@ -38,6 +38,7 @@ from service.model_store import (
     damaged_entry_line,
     load_stored_artifact,
     served_model_tags,
+    version_of,
 )
 from service.routes import RouteTable
 from service.settings import Settings
@@ -135,7 +136,7 @@ def build_service(settings: Settings) -> bentoml.Service:
             self.app.rollouts = rollouts.Rollouts(
                 self.app,
                 state,
-                {key: tag.partition(":")[2] for key, tag in tags.items()},
+                {key: version_of(tag) for key, tag in tags.items()},
                 settings.workers,
                 keys.name_of if keys is not None else lambda headers: None,
             )

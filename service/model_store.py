@@ -53,6 +53,11 @@ def served_model_tags(overrides: Mapping[str, str | None]) -> dict[str, str]:
     }
 
 
+def version_of(tag: object) -> str:
+    """The version part of a store tag (``name:version``, a string or a ``bentoml.Tag``)."""
+    return str(tag).partition(":")[2]
+
+
 def load_stored_artifact(model_path: str | Path) -> Artifact:
     """The store entry's directory is an artifact directory: load it, verifying checksums."""
     return load_artifact(Path(model_path), verify=True)

@@ -69,7 +69,7 @@ from service.app import ServingApp, StoredModel, VersionRefused
 from service.errors import RequestError
 from service.http import JSON, Headers, Reply
 from service.metrics import process_exists
-from service.model_store import load_stored_artifact
+from service.model_store import load_stored_artifact, version_of
 from service.requests import parse_json
 from service.routes import Route
 from service.settings import model_spec
@@ -253,8 +253,8 @@ def startup_models(
     _, models = store.read()
     chosen = dict(configured)
     for key, model in configured.items():
-        version = wanted(models.get(names[key]), _version(model)).version
-        if version == _version(model):
+        version = wanted(models.get(names[key]), version_of(model.tag)).version
+        if version == version_of(model.tag):
             continue
         try:
             entry = bentoml.models.get(f"{names[key]}:{version}")
@@ -591,10 +591,6 @@ def _store_versions(spec: ModelSpec) -> list[dict[str, Any]]:
 
 def _conflict(message: str) -> RequestError:
     return RequestError.single("conflict", message, ("path",), status=409)
-
-
-def _version(model: StoredModel) -> str:
-    return str(model.tag).partition(":")[2]
 
 
 def _write_atomically(path: Path, value: Any) -> None:

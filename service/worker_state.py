@@ -17,7 +17,7 @@ The dashboards and alerts in ``deploy/observability`` read these.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +25,8 @@ from typing import Any
 from service.connections import OPEN
 from service.heap_snapshots import resident_bytes
 from service.metrics import forget_dead_workers, worker_gauges
+
+log = logging.getLogger(__name__)
 
 SAMPLE_S = 1.0
 # Every this many samples, the gauges of workers that died are dropped.
@@ -76,7 +78,12 @@ class WorkerSampler:
         self.gauges.memory.set(resident_bytes())
 
     async def _run(self) -> None:
+        failed = False
         while True:
-            with contextlib.suppress(Exception):  # a sample lost is no reason to stop
+            try:
                 self.sample()
+            except Exception:  # a sample lost is no reason to stop; said once
+                if not failed:
+                    log.exception("sampling the worker's gauges failed")
+                failed = True
             await asyncio.sleep(SAMPLE_S)

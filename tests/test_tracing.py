@@ -92,7 +92,7 @@ def test_each_endpoint_s_request_has_the_span_tree(server, receiver):
         assert children["encode"].start_ns >= call.end_ns
 
 
-def test_probes_and_scrapes_are_not_traced_and_the_settings_reach_bentoml(server, receiver):
+def test_probes_and_scrapes_are_not_traced_and_the_settings_make_bentoml_s_config(server, receiver):
     before = len(receiver.spans())
     for path in ("/livez", "/readyz", "/metrics"):
         assert server.request(path)[0] == 200
